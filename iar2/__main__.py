@@ -1,0 +1,3 @@
+from iar2.cli import main
+
+raise SystemExit(main())

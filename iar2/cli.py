@@ -1,0 +1,95 @@
+"""The `iar2` command line: one sub-command per pipeline step (the Snakemake rules call these).
+
+Each command lives in the module that implements it; that module provides
+`add_arguments(parser)` and `run(args) -> int | None`. Modules are imported only
+when their command is chosen (or its --help asked for), so `iar2 --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (command words, module, one-line help). Keep in pipeline order: `iar2 --help` reads as the DAG.
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("data", "builtin"), "iar2.data.builtin", "materialise the built-in offline dataset as an ImageFolder (train/val)"),
+    (("data", "check"), "iar2.data.imagefolder", "scan an ImageFolder, count unreadable images, write a JSON report"),
+    (("fetch-weights",), "iar2.weights", "download the pretrained Inception/VGG/LPIPS weights (needs internet)"),
+    (("refnet", "train"), "iar2.refnet", "train the domain reference network (offline perceptual loss + metrics)"),
+    (("vq", "train"), "iar2.tokenizer.train", "train a VQ tokenizer (single, semantic-detail or unassociated dual)"),
+    (("vq", "eval"), "iar2.tokenizer.evaluate", "reconstruction metrics (rFID, PSNR, SSIM, LPIPS) on the val split"),
+    (("vq", "import"), "iar2.tokenizer.convert", "convert a released LlamaGen / IAR / IAR2 VQ checkpoint"),
+    (("tokenize",), "iar2.tokenize", "encode a dataset into memory-mapped codes (LlamaGen augmentations)"),
+    (("rearrange",), "iar2.rearrange", "IAR codebook rearrangement by balanced k-means"),
+    (("code-distance",), "iar2.code_distance", "Figure 3: decode codes replaced at growing code distance"),
+    (("bench", "tokenizer"), "iar2.bench", "benchmark tokenizer training steps/s"),
+    (("bench", "tokenize"), "iar2.bench", "benchmark tokenization images/s"),
+    (("bench", "kmeans"), "iar2.bench", "benchmark balanced k-means on a codebook"),
+]
+
+
+def _group_help(words: tuple[str, ...]) -> str:
+    return {"data": "dataset preparation and checks", "refnet": "the domain reference network",
+            "vq": "VQ tokenizers", "bench": "benchmarks to run on your own hardware"}.get(words[0], "")
+
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Build the parser; only the module of the command named in argv is imported."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="iar2", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, module, help_ in COMMANDS:
+        if len(words) == 1:
+            p = sub.add_parser(words[0], help=help_, description=help_)
+        else:
+            if words[0] not in groups:
+                g = sub.add_parser(words[0], help=_group_help(words), description=_group_help(words))
+                groups[words[0]] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            p = groups[words[0]].add_parser(words[1], help=help_, description=help_)
+        p.set_defaults(_module=module, _words=words)
+        # Import the implementing module only if this command is the one asked for.
+        if _selected(argv, words):
+            mod = importlib.import_module(module)
+            if hasattr(mod, "add_arguments_for"):
+                mod.add_arguments_for(words, p)
+            else:
+                mod.add_arguments(p)
+    return parser
+
+
+def _selected(argv: list[str], words: tuple[str, ...]) -> bool:
+    positional = [a for a in argv if not a.startswith("-")]
+    return tuple(positional[: len(words)]) == words
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 0
+    mod = importlib.import_module(args._module)
+    runner = getattr(mod, "run_for", None)
+    from iar2.config import ConfigError  # late: keep `iar2 --help` light
+
+    try:
+        rc = runner(args._words, args) if runner else mod.run(args)
+    except ConfigError as e:
+        print(f"iar2: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"iar2: {e}", file=sys.stderr)
+        return 3
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

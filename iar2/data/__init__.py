@@ -1,0 +1,1 @@
+"""Image datasets: ImageNet-style ImageFolder and the built-in offline dataset."""
