@@ -1,0 +1,23 @@
+"""`iar2 bench ...`: benchmarks users run on their own hardware.
+
+Each benchmark lives beside the code it measures; that module provides
+`add_bench_arguments(parser)` and `run_bench(args)`. Figures are printed as rates and as
+ratios measured in the same run (wall-clock numbers differ between machines; ratios travel).
+"""
+from __future__ import annotations
+
+import importlib
+
+_BENCHES = {
+    "tokenizer": "iar2.tokenizer.train",  # tokenizer training steps/s
+    "tokenize": "iar2.tokenize",  # tokenization images/s
+    "kmeans": "iar2.rearrange",  # balanced k-means time on a 16384 x 8 codebook
+}
+
+
+def add_arguments_for(words, parser) -> None:
+    importlib.import_module(_BENCHES[words[1]]).add_bench_arguments(parser)
+
+
+def run_for(words, args):
+    return importlib.import_module(_BENCHES[words[1]]).run_bench(args)
