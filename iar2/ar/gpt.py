@@ -1,0 +1,248 @@
+"""LlamaGen-compatible class-conditional GPT backbone.
+
+Pre-norm transformer: RMSNorm, fused-qkv attention with 2D rotary embeddings, SwiGLU, no biases.
+Sequence layout (class-to-image): position 0 is the class embedding, position t >= 1 is image
+token t-1 in raster order; the output at position t predicts image token t. The class token's
+rotary row is all zeros (LlamaGen's convention), so its query and key vanish.
+
+Parameter names follow LlamaGen's state dict (cls_embedding.embedding_table, layers.{i}.attention.wqkv,
+feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm), so released checkpoints load by name.
+The backbone only turns input embeddings into hidden states; what is embedded and what is
+predicted (single token, cluster + token, semantic + detail) belongs to the heads in iar2/ar/.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class BackboneConfig:
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    multiple_of: int = 256  # SwiGLU hidden = multiple_of * ceil((8 * dim / 3) / multiple_of)
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    num_classes: int = 1000
+    class_dropout: float = 0.1  # label -> null class (index num_classes) with this probability, for CFG
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    grid: int = 16  # token grid side (16 for 256 px, 24 for 384 px with a downsample-16 tokenizer)
+    tokens_per_cell: int = 1  # 2 for the alternating paradigm (k1 j1 k2 j2 ...): both tokens share the cell's rotary angle
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def seq_len(self) -> int:  # class token + image tokens
+        return 1 + self.grid * self.grid * self.tokens_per_cell
+
+
+SIZES = {  # LlamaGen's c2i sizes
+    "B": dict(n_layer=12, n_head=12, dim=768),
+    "L": dict(n_layer=24, n_head=16, dim=1024),
+    "XL": dict(n_layer=36, n_head=20, dim=1280),
+    "XXL": dict(n_layer=48, n_head=24, dim=1536),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32, cast back, then scale (LlamaGen's order; matters in bf16)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)  # down
+        self.drop = nn.Dropout(cfg.ffn_dropout)
+
+    def forward(self, x):
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, cls_tokens: int = 1,
+                  tokens_per_cell: int = 1) -> torch.Tensor:
+    """Rotary (cos, sin) table of shape (cls_tokens + tokens_per_cell * grid^2, head_dim // 2, 2).
+
+    Pairs 0..q-1 rotate with the row index, pairs q..2q-1 with the column (q = head_dim // 4).
+    Class-token rows are zero (cos = sin = 0), as in LlamaGen.
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    idx = torch.arange(grid, dtype=torch.float32)
+    rows = torch.outer(idx, freqs)  # (grid, half/2)
+    ang = torch.cat([rows[:, None, :].expand(grid, grid, -1), rows[None, :, :].expand(grid, grid, -1)], dim=-1)
+    ang = ang.reshape(grid * grid, half).repeat_interleave(tokens_per_cell, dim=0)
+    table = torch.stack([torch.cos(ang), torch.sin(ang)], dim=-1)
+    return torch.cat([torch.zeros(cls_tokens, half, 2), table], dim=0)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x: (B, S, H, Dh); table: (S, Dh/2, 2). Interleaved pairs (2m, 2m+1), computed in float32."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    t = table[None, :, None]  # (1, S, 1, Dh/2, 2)
+    out = torch.stack([xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1],
+                       xs[..., 1] * t[..., 0] + xs[..., 0] * t[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, seq: int, n_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k[:, :, pos] = k
+        self.v[:, :, pos] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.resid_drop = nn.Dropout(cfg.resid_dropout)
+        self.kv_cache: KVCache | None = None
+        self.record_attn = False  # when set, keep the probability each query pays to key 0 (the class token)
+        self.attn_to_cond: torch.Tensor | None = None
+
+    def forward(self, x, rope, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        B, S, D = x.shape
+        q, k, v = self.wqkv(x).split(D, dim=-1)
+        q, k, v = (t.view(B, S, self.n_head, self.head_dim) for t in (q, k, v))
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, Dh)
+        if self.kv_cache is not None and pos is not None:
+            k, v = self.kv_cache.update(pos, k, v)
+        if self.record_attn:
+            # explicit softmax so the attention paid to the class token (key 0) can be read
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if mask is None:
+                mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            scores = scores.float().masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(-1)
+            self.attn_to_cond = probs[..., 0].mean(1)  # (B, S): averaged over heads
+            y = probs.type_as(v) @ v
+        elif mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, S, D)
+        return self.resid_drop(self.wo(y))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, rope, pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), rope, pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedding(nn.Module):
+    """Class embedding with one extra row (index num_classes) for the unconditional / null class."""
+
+    def __init__(self, num_classes: int, dim: int, dropout: float):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = nn.Embedding(num_classes + (1 if dropout > 0 else 0), dim)
+
+    def forward(self, labels: torch.Tensor, train: bool, generator: torch.Generator | None = None):
+        if train and self.dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+class Backbone(nn.Module):
+    """Class embedding + transformer layers. `forward(cls_emb_labels, x_emb)` -> hidden states (not normed)."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cls_embedding = LabelEmbedding(cfg.num_classes, cfg.dim, cfg.class_dropout)
+        self.tok_drop = nn.Dropout(cfg.token_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.register_buffer("rope", rope_2d_table(cfg.grid, cfg.head_dim, cfg.rope_base,
+                                                   tokens_per_cell=cfg.tokens_per_cell), persistent=False)
+
+    # ---- training / full-sequence forward
+    def forward(self, labels: torch.Tensor, x_emb: torch.Tensor, generator: torch.Generator | None = None):
+        """labels (B,), x_emb (B, T, D) embeddings of image tokens 0..T-1 (T <= L-1 in training).
+
+        Returns hidden states (B, 1 + T, D): position t predicts image token t.
+        """
+        c = self.cls_embedding(labels, self.training, generator)[:, None]
+        h = self.tok_drop(torch.cat([c, x_emb], dim=1))
+        rope = self.rope[: h.shape[1]]
+        for layer in self.layers:
+            h = layer(h, rope)
+        return h
+
+    # ---- incremental decoding with a KV cache
+    def setup_caches(self, batch: int, dtype=None, device=None):
+        p = next(self.parameters())
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, self.cfg.seq_len, self.cfg.n_head, self.cfg.head_dim,
+                                               dtype or p.dtype, device or p.device)
+
+    def clear_caches(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def step(self, h_in: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Feed embeddings h_in (B, S, D) at sequence positions `pos` (S,) using the KV caches."""
+        S = h_in.shape[1]
+        L = self.cfg.seq_len
+        mask = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None])  # (S, L): attend to keys <= pos
+        rope = self.rope[pos]
+        h = h_in
+        for layer in self.layers:
+            h = layer(h, rope, pos, mask)
+        return h
+
+    def label_embed(self, labels):
+        return self.cls_embedding(labels, train=False)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """LlamaGen init: N(0, 0.02) for Linear and Embedding weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
