@@ -34,7 +34,9 @@ class BackboneConfig:
     resid_dropout: float = 0.1
     ffn_dropout: float = 0.1
     grid: int = 16  # token grid side (16 for 256 px, 24 for 384 px with a downsample-16 tokenizer)
-    tokens_per_cell: int = 1  # 2 for the alternating paradigm (k1 j1 k2 j2 ...): both tokens share the cell's rotary angle
+    # where image tokens sit on the grid: "raster" one token per cell; "interleaved" k1 j1 k2 j2 ... (two tokens
+    # per cell, the alternating paradigm); "grouped" all k then all j (the grid is visited twice)
+    layout: str = "raster"
 
     @property
     def head_dim(self) -> int:
@@ -47,7 +49,7 @@ class BackboneConfig:
 
     @property
     def seq_len(self) -> int:  # class token + image tokens
-        return 1 + self.grid * self.grid * self.tokens_per_cell
+        return 1 + self.grid * self.grid * (1 if self.layout == "raster" else 2)
 
 
 SIZES = {  # LlamaGen's c2i sizes
@@ -84,8 +86,8 @@ class FeedForward(nn.Module):
 
 
 def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, cls_tokens: int = 1,
-                  tokens_per_cell: int = 1) -> torch.Tensor:
-    """Rotary (cos, sin) table of shape (cls_tokens + tokens_per_cell * grid^2, head_dim // 2, 2).
+                  layout: str = "raster") -> torch.Tensor:
+    """Rotary (cos, sin) table of shape (cls_tokens + n_tokens, head_dim // 2, 2); row = sequence position.
 
     Pairs 0..q-1 rotate with the row index, pairs q..2q-1 with the column (q = head_dim // 4).
     Class-token rows are zero (cos = sin = 0), as in LlamaGen.
@@ -95,7 +97,11 @@ def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, cls_tokens: i
     idx = torch.arange(grid, dtype=torch.float32)
     rows = torch.outer(idx, freqs)  # (grid, half/2)
     ang = torch.cat([rows[:, None, :].expand(grid, grid, -1), rows[None, :, :].expand(grid, grid, -1)], dim=-1)
-    ang = ang.reshape(grid * grid, half).repeat_interleave(tokens_per_cell, dim=0)
+    ang = ang.reshape(grid * grid, half)
+    if layout == "interleaved":
+        ang = ang.repeat_interleave(2, dim=0)
+    elif layout == "grouped":
+        ang = ang.repeat(2, 1)
     table = torch.stack([torch.cos(ang), torch.sin(ang)], dim=-1)
     return torch.cat([torch.zeros(cls_tokens, half, 2), table], dim=0)
 
@@ -196,7 +202,7 @@ class Backbone(nn.Module):
         self.tok_drop = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.register_buffer("rope", rope_2d_table(cfg.grid, cfg.head_dim, cfg.rope_base,
-                                                   tokens_per_cell=cfg.tokens_per_cell), persistent=False)
+                                                   layout=cfg.layout), persistent=False)
 
     # ---- training / full-sequence forward
     def forward(self, labels: torch.Tensor, x_emb: torch.Tensor, generator: torch.Generator | None = None):
