@@ -13,7 +13,7 @@ PARADIGMS = ["single", "alternating", "grouped", "fused_independent", "fused_hie
 
 def tiny(paradigm, **kw):
     cfg = dict(dim=32, n_layer=2, n_head=2, paradigm=paradigm, vocab_size=24, semantic_size=6, detail_size=10,
-               head_layers=2, grid=4, num_classes=5, class_dropout=0.0, token_dropout=0.0, resid_dropout=0.0,
+               head_layers=2, grid=4, num_classes=5, class_dropout=0.1, token_dropout=0.0, resid_dropout=0.0,
                ffn_dropout=0.0)
     cfg.update(kw)
     torch.manual_seed(0)

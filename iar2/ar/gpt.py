@@ -154,7 +154,7 @@ class Attention(nn.Module):
                 mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=x.device).tril()
             scores = scores.float().masked_fill(~mask, float("-inf"))
             probs = scores.softmax(-1)
-            self.attn_to_cond = probs[..., 0].mean(1)  # (B, S): averaged over heads
+            self.attn_to_cond = probs[..., 0]  # (B, H, S): each head's weight on the class token
             y = probs.type_as(v) @ v
         elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -69,15 +69,22 @@ class LocalContext(nn.Module):
         else:
             self.mlp2 = _mlp(n * dim, 2 * dim, dim)
 
-    def forward(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cell: int | None = None) -> torch.Tensor:
         """h: (B, P, D) per-cell backbone states; row q is the state neighbour q contributes (for source
-        "token" the owner passes the outputs shifted by one). Returns contexts (B, P - start, D)."""
+        "token" the owner passes the outputs shifted by one). Returns contexts (B, P, D) for all cells, or
+        (B, 1, D) for one `cell` (incremental decoding: only its 12 neighbours are touched)."""
         B, P, D = h.shape
-        feats = self.mlp1(h) if self.mode == "compressed" else h
+        compressed = self.mode == "compressed"
         # an out-of-grid neighbour is a zero hidden state, so it contributes mlp1(0) (a bias), not 0
-        zero = self.mlp1(h.new_zeros(1, D))[0] if self.mode == "compressed" else h.new_zeros(D)
-        idx, valid = self.idx[start:P], self.valid[start:P]  # (P', 12)
-        g = feats[:, idx]  # (B, P', 12, F)
+        zero = self.mlp1(h.new_zeros(1, D))[0] if compressed else h.new_zeros(D)
+        if cell is None:
+            feats = self.mlp1(h) if compressed else h  # per-row MLP first: cheaper than per (cell, neighbour)
+            g = feats[:, self.idx[:P]]  # (B, P, 12, F)
+            valid = self.valid[:P]
+        else:
+            g = h[:, self.idx[cell:cell + 1]]  # (B, 1, 12, D): gather first, then compress 12 rows
+            g = self.mlp1(g) if compressed else g
+            valid = self.valid[cell:cell + 1]
         g = torch.where(valid[None, :, :, None], g, zero)
         return self.mlp2(g.flatten(2))
 
