@@ -23,6 +23,10 @@ class VQModelConfig:
     detail_size: int = field(default=4096, metadata={"min": 2, "max": 262144})  # detail codebook (dual)
     beta: float = field(default=0.25, metadata={"min": 0.0})  # commitment strength
     l2_norm: bool = True  # l2-normalised latents and codes (LlamaGen)
+    # semantic_detail, mode "full": weight of extra Eq. 8 (semantic-level) terms added to Eq. 10. 0 = the paper's
+    # Eq. 10 as the official code computes it (terms on the sum only); the semantic level is kept semantic by the
+    # interleaved Eq. 7 steps instead.
+    semantic_commit_weight: float = field(default=0.0, metadata={"min": 0.0})
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -33,6 +37,10 @@ class VQModelConfig:
             if (self.ch * mult) % self.norm_groups:
                 raise ConfigError(f"{p}norm_groups: {self.norm_groups} must divide every width ch*ch_mult "
                                   f"(got ch={self.ch}, ch_mult={list(self.ch_mult)})")
+
+        if self.quantizer == "unassociated_dual" and self.embed_dim % 2:
+            raise ConfigError(f"{p}embed_dim: {self.embed_dim} must be even for quantizer 'unassociated_dual' "
+                              "(each codebook quantises half of the latent channels)")
 
     @property
     def downsample(self) -> int:
@@ -46,6 +54,7 @@ class DataConfig:
     crop_min: float = field(default=0.8, metadata={"min": 0.05, "max": 1.0})  # random-crop fraction (train)
     flip: bool = True
     num_workers: int = field(default=0, metadata={"min": 0})
+    check_report: str | None = None  # `iar2 data check` report: its bad files are excluded without decoding
 
 
 @dataclass
@@ -62,6 +71,10 @@ class LossConfig:
     disc_ndf: int = field(default=64, metadata={"min": 4})
     disc_layers: int = field(default=3, metadata={"min": 1, "max": 6})
     disc_lr: float | None = None  # default: the generator's lr
+    # Terms the paper leaves out of the dual-codebook stages, available as options:
+    semantic_l2_weight: float = field(default=0.0, metadata={"min": 0.0})  # pixel L2 in Eq. 7 updates (paper: 0)
+    joint_perceptual_weight: float = field(default=0.0, metadata={"min": 0.0})  # LPIPS in Eq. 9 steps (paper: 0)
+    semantic_gan: bool = False  # GAN in Eq. 7 updates (stage 1, stage-2 semantic steps), as the official code does
 
 
 @dataclass
@@ -85,6 +98,15 @@ class VQTrainConfig:
     log_every: int = field(default=50, metadata={"min": 1})
     ckpt_every: int = field(default=500, metadata={"min": 1})
     keep_last: int = field(default=2, metadata={"min": 1})
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"{p}batch_size: {self.batch_size} must be a multiple of {p}grad_accum "
+                              f"({self.grad_accum})")
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise ConfigError(f"{p}betas[{i}]: {b} is out of range; allowed values: [0, 1)")
 
 
 @dataclass
