@@ -1,0 +1,162 @@
+"""Reconstruction metrics of a VQ tokenizer: rFID, PSNR, SSIM, LPIPS and codebook usage (`iar2 vq eval`).
+
+Every image of the split is centre-cropped (ADM protocol, `eval_transform`), encoded, decoded, and both the
+original and the reconstruction are quantised to uint8 (`iar2.metrics.to_uint8`) before any metric: the
+numbers describe the images as saved. One streaming pass; only features are kept, never images.
+- rFID: FID of the reconstructions against the originals of the same split, with torch-fidelity's
+  Inception (pool 2048; the papers' rFID) or the domain reference network (offline; not comparable).
+- PSNR, SSIM: per image, then the mean. `ssim` is the standard Gaussian-window SSIM; `ssim_llamagen` is
+  the protocol behind the SSIM column of the LlamaGen / IAR2 tables (see iar2.metrics).
+- LPIPS: `iar2.perceptual.build_perceptual` (LPIPS-VGG, or the domain network's LPIPS-style distance).
+- Codebook usage: fraction of each codebook's entries used over the whole split, and the perplexity of
+  the split's code histogram.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from iar2.config import config_hash, to_dict
+from iar2.io import atomic_write_json
+from iar2.metrics import SSIM_LLAMAGEN, FeatureCollector, psnr, resolve_extractor, ssim, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def spread_indices(n: int, k: int | None) -> list[int]:
+    """k indices spread evenly over range(n) (all classes are represented; images are in class order)."""
+    if k is None or k >= n:
+        return list(range(n))
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64)).tolist()
+
+
+def usage_stats(counts: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Used fraction and perplexity exp(H) of a code histogram."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {f"{prefix}_usage": float((counts > 0).double().mean()), f"{prefix}_perplexity": float(entropy.exp()),
+            f"{prefix}_codes_used": int((counts > 0).sum())}
+
+
+@torch.no_grad()
+def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: str = "val",
+                            image_size: int | None = None, extractor: str = "inception",
+                            domain_net: str | Path | None = None, perceptual: str = "lpips_vgg",
+                            weights_dir: str | Path | None = None, max_images: int | None = None,
+                            batch_size: int = 32, device: str = "auto", report: str | Path | None = None,
+                            num_workers: int = 0) -> dict:
+    """Reconstruct `data_root/split` with the VQ and return the metrics dict (module doc)."""
+    from iar2.data.imagefolder import ImageFolderDataset
+    from iar2.data.transforms import eval_transform
+    from iar2.perceptual import build_perceptual
+    from iar2.tokenize import default_image_size, level_names, pick_device, vocab_sizes
+    from iar2.tokenizer.vq_model import load_vq
+
+    # Resolve every weight file first: a missing one fails before any work is done.
+    ext = resolve_extractor(extractor, weights_dir=weights_dir, domain_net=domain_net)
+    if perceptual == "domain" and domain_net is None:
+        raise FileNotFoundError("--perceptual domain needs --domain-net (a checkpoint from `iar2 refnet train`)")
+    dev = pick_device(device)
+    perc = build_perceptual(perceptual, domain_net=domain_net, weights_dir=weights_dir)
+    if perc is not None:
+        perc = perc.to(dev).eval()
+
+    model = load_vq(vq_path, dev)
+    image_size = image_size or default_image_size(vq_path)
+    if not image_size:
+        raise ValueError(f"{vq_path}: its metadata does not record the image size; pass --image-size")
+    model.grid(image_size)  # validates divisibility
+    ds = ImageFolderDataset(data_root, split, eval_transform(image_size), report=report, verify=report is None)
+    idx = spread_indices(len(ds), max_images)
+    loader = DataLoader(Subset(ds, idx), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=dev.type == "cuda")
+
+    collector = FeatureCollector(ext, device=dev)
+    names, vocabs = level_names(model), vocab_sizes(model)
+    counts = [torch.zeros(v, dtype=torch.long, device=dev) for v in vocabs]
+    per_image = {"psnr": [], "ssim": [], "ssim_llamagen": [], "lpips": []}
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(idx), desc=f"vq eval {split}", unit="img", dynamic_ncols=True, mininterval=1.0)
+    for x, _ in loader:
+        x = x.to(dev, non_blocking=True)
+        recon, q = model(x)
+        orig_u8, rec_u8 = to_uint8(x), to_uint8(recon)
+        collector.add("original", orig_u8)
+        collector.add("reconstructed", rec_u8)
+        per_image["psnr"].append(psnr(rec_u8, orig_u8).cpu())
+        per_image["ssim"].append(ssim(rec_u8, orig_u8).cpu())
+        per_image["ssim_llamagen"].append(ssim(rec_u8, orig_u8, **SSIM_LLAMAGEN).cpu())
+        if perc is not None:  # on the saved (quantised) images, mapped back to [-1, 1]
+            d = perc(orig_u8.float() / 127.5 - 1.0, rec_u8.float() / 127.5 - 1.0)
+            per_image["lpips"].append(d.detach().double().reshape(-1).cpu())
+        ind = q.indices if q.indices.dim() == 4 else q.indices[:, None]
+        for lvl, c in enumerate(counts):
+            c += torch.bincount(ind[:, lvl].reshape(-1), minlength=c.numel())
+        bar.update(x.shape[0])
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    n = len(idx)
+    metrics = {"rfid": collector.fid("reconstructed", "original")}
+    for k, v in per_image.items():
+        if v:
+            metrics[k] = float(torch.cat(v).double().mean())
+    if perc is None:
+        metrics["lpips"] = None
+    for name, c in zip(names, counts):
+        metrics.update(usage_stats(c.cpu(), "codebook" if name == "single" else name))
+    log.info("rFID %.3f  PSNR %.2f  SSIM %.4f  LPIPS %s  (%d images, %.1f img/s)", metrics["rfid"], metrics["psnr"],
+             metrics["ssim"], "n/a" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}", n, n / seconds)
+    return {
+        **metrics,
+        **ext.describe(),
+        "reference": f"{split} originals (centre crop {image_size} px)",
+        "num_images": n, "num_reference": collector.count("original"), "num_generated": collector.count("reconstructed"),
+        "num_images_in_split": len(ds), "num_bad": ds.num_bad, "max_images": max_images,
+        "perceptual": perceptual, "domain_net": None if domain_net is None else str(domain_net),
+        "split": split, "data_root": str(data_root), "image_size": image_size,
+        "vq": str(vq_path), "vq_config": to_dict(model.cfg), "vq_config_hash": config_hash(model.cfg),
+        "quantizer": model.cfg.quantizer, "vocab_sizes": vocabs,
+        "ssim_protocols": {"ssim": "gaussian 11x11 sigma 1.5, data_range 255 (Wang et al.)",
+                           "ssim_llamagen": "uniform 7x7, sample covariance, data_range 2 on [0,1] (LlamaGen script)"},
+        "seconds": seconds, "images_per_s": n / seconds,
+    }
+
+
+# ----------------------------------------------------------------------------- CLI: iar2 vq eval
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vq", required=True, help="VQ tokenizer (.safetensors with its .json, or a checkpoint folder)")
+    p.add_argument("--data", required=True, help="ImageFolder root holding <split>/<class>/<images>")
+    p.add_argument("--split", default="val", help="split to reconstruct (default: val)")
+    p.add_argument("--image-size", type=int, default=None, help="image size (default: the VQ's training size)")
+    p.add_argument("--extractor", choices=["inception", "domain"], default="inception",
+                   help="rFID features: torch-fidelity Inception (needs its weights file) or the domain network")
+    p.add_argument("--domain-net", default=None, help="reference network checkpoint (`iar2 refnet train`)")
+    p.add_argument("--perceptual", choices=["lpips_vgg", "domain", "none"], default="lpips_vgg",
+                   help="LPIPS backend: LPIPS-VGG (needs VGG16 weights), the domain network, or none")
+    p.add_argument("--weights-dir", default=None, help="folder holding pretrained weight files (else torch hub cache)")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate N images spread over the split")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--report", default=None, help="`iar2 data check` report (bad images excluded without decoding)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", required=True, help="metrics JSON to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate_reconstruction(args.vq, args.data, split=args.split, image_size=args.image_size,
+                                     extractor=args.extractor, domain_net=args.domain_net,
+                                     perceptual=args.perceptual, weights_dir=args.weights_dir,
+                                     max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+                                     report=args.report, num_workers=args.num_workers)
+    atomic_write_json(args.out, result)
+    log.info("metrics written to %s", args.out)
+    return 0
