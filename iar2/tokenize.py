@@ -129,8 +129,11 @@ def default_image_size(path: str | Path) -> int | None:
     m = vq_meta(path)
     if isinstance(m.get("image_size"), int):
         return m["image_size"]
-    data = (m.get("config") or {}).get("data") or {}
-    return data.get("image_size")
+    for key in ("config", "train_config"):  # a checkpoint folder's meta / an exported vq.json
+        data = (m.get(key) or {}).get("data") or {}
+        if data.get("image_size"):
+            return data["image_size"]
+    return None
 
 
 def vocab_sizes(model) -> list[int]:

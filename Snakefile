@@ -1,0 +1,23 @@
+# iar2-repro: the reproduction DAG.
+#   snakemake --cores all reproduce_all                       embedded default (params/default.yaml)
+#   snakemake --cores all reproduce_all --config scale=ci     another scale (params/<scale>.yaml)
+#   snakemake --cores all reproduce_all --configfile params/ci.yaml
+# Stages mirror the rule files: data -> refnet -> tokenizer -> tokens -> analysis.
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/analysis.smk"
+
+
+rule reproduce_all:
+    """Everything the current scale defines (today: the tokenizer stage of the pipeline)."""
+    input:
+        TOKENIZER_TARGETS,
+        ANALYSIS_TARGETS,
+
+
+rule tokenizers:
+    """Every tokenizer variant trained and evaluated (Table 1, 7, 13; Figure 4 left)."""
+    input:
+        TOKENIZER_TARGETS,

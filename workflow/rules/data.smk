@@ -1,0 +1,45 @@
+# Stage: datasets and the domain reference network.
+
+if DATA["source"] == "builtin":
+
+    rule builtin_data:
+        """Materialise the built-in photographic dataset (offline) as an ImageFolder with train/val."""
+        output:
+            directory(DATA["root"]),
+        params:
+            b=DATA["builtin"],
+        log:
+            f"{R}/logs/builtin_data.log",
+        shell:
+            "iar2 data builtin --out {output} --num-classes {params.b[num_classes]} "
+            "--train-per-class {params.b[train_per_class]} --val-per-class {params.b[val_per_class]} "
+            "--size {params.b[size]} --seed {params.b[seed]} > {log} 2>&1"
+
+
+rule data_check:
+    """Scan the dataset once: unreadable images are listed (and later skipped) with counts."""
+    input:
+        DATA["root"],
+    output:
+        f"{R}/data/check.json",
+    log:
+        f"{R}/logs/data_check.log",
+    shell:
+        "iar2 data check --root {input} --out {output} > {log} 2>&1"
+
+
+rule refnet:
+    """Train the domain reference network on the train split (offline LPIPS backend and metric features)."""
+    input:
+        data=DATA["root"],
+        report=f"{R}/data/check.json",
+    output:
+        f"{R}/refnet/refnet.safetensors",
+    params:
+        r=config["refnet"],
+    log:
+        f"{R}/logs/refnet.log",
+    shell:
+        "iar2 refnet train --data {input.data} --report {input.report} --out {output} "
+        "--steps {params.r[steps]} --batch-size {params.r[batch_size]} --input-size {params.r[input_size]} "
+        "--seed {params.r[seed]} > {log} 2>&1"
