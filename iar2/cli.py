@@ -22,6 +22,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("vq", "import"), "iar2.tokenizer.convert", "convert a released LlamaGen / IAR / IAR2 VQ checkpoint"),
     (("tokenize",), "iar2.tokenize", "encode a dataset into memory-mapped codes (LlamaGen augmentations)"),
     (("rearrange",), "iar2.rearrange", "IAR codebook rearrangement by balanced k-means"),
+    (("ar", "train"), "iar2.ar.train", "train an AR model (LlamaGen, IAR, IAR2 or a Table 5 paradigm)"),
     (("code-distance",), "iar2.code_distance", "Figure 3: decode codes replaced at growing code distance"),
     (("bench", "tokenizer"), "iar2.bench", "benchmark tokenizer training steps/s"),
     (("bench", "tokenize"), "iar2.bench", "benchmark tokenization images/s"),
@@ -31,7 +32,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 
 def _group_help(words: tuple[str, ...]) -> str:
     return {"data": "dataset preparation and checks", "refnet": "the domain reference network",
-            "vq": "VQ tokenizers", "bench": "benchmarks to run on your own hardware"}.get(words[0], "")
+            "vq": "VQ tokenizers", "ar": "autoregressive models", "bench": "benchmarks to run on your own hardware"}.get(words[0], "")
 
 
 

@@ -1,0 +1,345 @@
+"""One trainer for every AR variant (LlamaGen, IAR, IAR2 and the Table 5/6 paradigms).
+
+`iar2 ar train --config C.yaml [--set key=value ...] --out RUN_DIR [--resume auto]`
+
+- AdamW (betas 0.9/0.95), weight decay on matrices and embeddings only, constant or cosine LR,
+  gradient clipping, gradient accumulation to reach the global batch on fewer GPUs.
+- torchrun: DDP (or FSDP for the largest models); the data order is step-addressable
+  (iar2.distributed.StepSampler), so a resumed run or a different GPU count sees the same batches.
+- Budget: epochs, steps, or wall-clock minutes (Tables 5 and 6 compare variants at equal time).
+- Checkpoints: a rolling latest for resume plus named epoch checkpoints (Figure 7c, Table 3);
+  each exports model weights (safetensors + JSON) for sampling.
+- Logs: total, per-level CE (semantic/detail or token/cluster), LR, tokens/s (and MFU on GPUs)
+  to metrics.csv (Figure 8) and the log.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import yaml
+from tqdm import tqdm
+
+from iar2.ar.model import ARModel, ARModelConfig
+from iar2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from iar2.config import ConfigError, config_hash, load_config, to_dict
+from iar2.distributed import DistInfo, StepSampler, barrier, init_distributed, mix_seed, no_sync, unwrap, wrap_ddp
+from iar2.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ARTrainConfig:
+    tokens: str = ""  # folder written by `iar2 tokenize`
+    epochs: float | None = field(default=300.0, metadata={"min": 0.0})
+    steps: int | None = field(default=None, metadata={"min": 1})  # overrides epochs when set
+    max_minutes: float | None = field(default=None, metadata={"min": 0.0})  # equal-time budget (Tables 5, 6)
+    batch_size: int = field(default=256, metadata={"min": 1})  # global batch
+    grad_accum: int = field(default=1, metadata={"min": 1})
+    lr: float = field(default=1e-4, metadata={"min": 0.0})
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_end: float = field(default=0.0, metadata={"min": 0.0})  # cosine: final LR (Table 11: 1.5e-4 -> 5e-5)
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = field(default=0.05, metadata={"min": 0.0})
+    grad_clip: float = field(default=1.0, metadata={"min": 0.0})
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPUs run fp32
+    compile: bool = False
+    fsdp: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    ckpt_epochs: list[int] = field(default_factory=list)  # named checkpoints after these epochs
+    ckpt_every: int = field(default=1000, metadata={"min": 1})  # rolling checkpoint (resume)
+    keep_last: int = field(default=2, metadata={"min": 1})
+    log_every: int = field(default=50, metadata={"min": 1})
+    num_workers: int = field(default=0, metadata={"min": 0})
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        if not self.tokens:
+            raise ConfigError(f"{p}tokens: required (the folder written by `iar2 tokenize`)")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"{p}batch_size: {self.batch_size} must be a multiple of {p}grad_accum")
+        if self.steps is None and not self.epochs and self.max_minutes is None:
+            raise ConfigError(f"{p}epochs: set epochs, steps or max_minutes (the training budget)")
+
+
+@dataclass
+class ARRunConfig:
+    name: str = "ar"
+    model: ARModelConfig = field(default_factory=ARModelConfig)
+    train: ARTrainConfig = field(default_factory=ARTrainConfig)
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def check_against_tokens(cfg: ARRunConfig, meta: dict) -> None:
+    """The model must fit the token set: levels, vocabulary sizes, grid and classes."""
+    m = cfg.model
+    vocab, grid = list(meta["vocab_sizes"]), list(meta["grid"])
+    if grid[0] != grid[1] or grid[0] != m.grid:
+        raise ConfigError(f"model.grid: {m.grid} does not match the tokens' grid {grid} ({cfg.train.tokens})")
+    if m.paradigm == "single":
+        if len(vocab) != 1 or vocab[0] != m.vocab_size:
+            raise ConfigError(f"model.vocab_size: {m.vocab_size} does not match the tokens' vocabularies {vocab}")
+    elif vocab != [m.semantic_size, m.detail_size]:
+        raise ConfigError(f"model.semantic_size/detail_size: ({m.semantic_size}, {m.detail_size}) do not match "
+                          f"the tokens' vocabularies {vocab}")
+    if int(meta["num_classes"]) > m.num_classes:
+        raise ConfigError(f"model.num_classes: {m.num_classes} is below the tokens' {meta['num_classes']} classes")
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """Decay matrices and embeddings (dim >= 2), not norms or biases (LlamaGen)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def lr_at(tc: ARTrainConfig, step: int, total: int) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    t = (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)
+    return tc.lr_end + 0.5 * (tc.lr - tc.lr_end) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs, for MFU (None when unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, f in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("A10", 125e12)):
+        if key in name:
+            return f
+    return None
+
+
+class ARTrainer:
+    def __init__(self, cfg: ARRunConfig, total_steps: int, info: DistInfo | None = None):
+        self.cfg, self.info = cfg, info or init_distributed(cfg.train.device)
+        tc, dev = cfg.train, self.info.device
+        torch.manual_seed(tc.seed)  # initial weights are a function of the seed
+        self.model = ARModel(cfg.model).to(dev)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.total_steps = total_steps
+        fused = dev.type == "cuda"
+        self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
+                                     fused=fused or None)
+        self.net = self._wrap(self.model)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tc.precision == "bf16" and dev.type == "cuda"
+                         else nullcontext())
+        self.gen = torch.Generator(device=dev)
+
+    def _wrap(self, model):
+        tc = self.cfg.train
+        if tc.fsdp and self.info.distributed:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, MixedPrecision, ShardingStrategy
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            from iar2.ar.gpt import TransformerBlock
+
+            mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if tc.precision == "bf16" else None
+            net = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({TransformerBlock}), mixed_precision=mp,
+                       sharding_strategy=ShardingStrategy.FULL_SHARD,
+                       device_id=self.info.device if self.info.device.type == "cuda" else None)
+        else:
+            net = wrap_ddp(model, self.info)
+        return torch.compile(net) if tc.compile else net
+
+    def state_for_checkpoint(self) -> tuple[dict, dict | None]:
+        if self.cfg.train.fsdp and self.info.distributed:
+            from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+
+            with FSDP.state_dict_type(unwrap(self.net), StateDictType.FULL_STATE_DICT,
+                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+                return unwrap(self.net).state_dict(), None  # optimizer state stays sharded: resume restarts Adam
+        return self.model.state_dict(), self.opt
+
+    def train_step(self, step: int, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        tc, dev = self.cfg.train, self.info.device
+        # dropout and class-dropout randomness is a function of (seed, rank, step): a resumed run draws the same
+        seed = mix_seed(tc.seed, self.info.rank, step)
+        torch.manual_seed(seed)
+        self.gen.manual_seed(seed)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(tc, step, self.total_steps)
+        self.net.train()
+        sums: dict[str, float] = {}
+        for i, (tokens, labels) in enumerate(micro):
+            tokens, labels = tokens.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            last = i == len(micro) - 1
+            with no_sync(self.net, not last), self.autocast:
+                out = self.net(tokens, labels, self.gen)
+                loss, parts = self.model.loss(out, tokens)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {step}; the last checkpoint is kept")
+            (loss / len(micro)).backward()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / len(micro)
+        if tc.grad_clip > 0:
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sums["lr"] = self.opt.param_groups[0]["lr"]
+        return sums
+
+
+def budget_steps(tc: ARTrainConfig, n: int) -> int:
+    if tc.steps is not None:
+        return tc.steps
+    if tc.epochs:
+        return max(1, math.ceil(tc.epochs * n / tc.batch_size))
+    return 10 ** 12  # wall-clock budget only
+
+
+def _collate(items):
+    tokens = torch.stack([t for t, _ in items])
+    labels = torch.tensor([y for _, y in items], dtype=torch.long)
+    return tokens, labels
+
+
+def export(trainer: ARTrainer, path: Path, step: int, epoch: float, extra: dict | None = None) -> None:
+    sd, _ = trainer.state_for_checkpoint()
+    if trainer.info.is_main:
+        cfg = trainer.cfg
+        save_weights(path, sd, {"model_config": to_dict(cfg.model), "run_config": to_dict(cfg),
+                                "config_hash": config_hash(cfg), "step": step, "epoch": epoch,
+                                "params": trainer.n_params, **(extra or {})})
+
+
+def train(cfg: ARRunConfig, run_dir: str | Path, resume: str | None = None, stop_after: int | None = None) -> Path:
+    """Train (or continue) one AR run; returns the exported final weights path."""
+    from iar2.tokenize import TokenDataset
+    from iar2.tokenizer.train import MetricsLogger, StepSeededDataset
+
+    run_dir = Path(run_dir)
+    tc = cfg.train
+    info = init_distributed(tc.device)
+    data = TokenDataset(tc.tokens, seed=tc.seed)
+    check_against_tokens(cfg, data.meta)
+    n = len(data)
+    total = budget_steps(tc, n)
+    trainer = ARTrainer(cfg, total, info)
+    start, elapsed = 0, 0.0
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
+    if ckpt is not None:
+        _, opt = trainer.state_for_checkpoint()
+        meta = load_checkpoint(ckpt, {"model": trainer.model}, {"opt": opt} if opt is not None else None,
+                               map_location=str(info.device))
+        start, elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+        log.info("resumed %s at step %d (%.1f min trained)", ckpt, start, elapsed / 60)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = MetricsLogger(run_dir / "metrics.csv", resume_step=start if ckpt is not None else None) \
+        if info.is_main else None
+
+    sampler = StepSampler(n, tc.batch_size, tc.seed, info.rank, info.world_size, tc.grad_accum,
+                          start_step=start, end_step=total)
+    loader = torch.utils.data.DataLoader(StepSeededDataset(data), batch_sampler=sampler, collate_fn=_collate,
+                                         num_workers=tc.num_workers, pin_memory=info.device.type == "cuda")
+    tokens_per_sample = (cfg.model.grid ** 2) * (1 if cfg.model.paradigm == "single" else 2)
+    flops_peak = peak_flops(info.device)
+    steps_per_epoch = n / tc.batch_size
+    epochs_done = {e for e in tc.ckpt_epochs if e * steps_per_epoch <= start}
+
+    def checkpoint(step, name=None):
+        sd, opt = trainer.state_for_checkpoint()
+        meta = {"config": to_dict(cfg), "elapsed_s": elapsed, "epoch": step / steps_per_epoch}
+        if info.is_main:
+            save_checkpoint(run_dir, step, {"model": sd}, {"opt": opt} if opt is not None else None, meta,
+                            name=name, keep_last=tc.keep_last)
+        barrier(info)
+
+    it = iter(loader)
+    step = start
+    bar = tqdm(total=total if total < 10 ** 12 else None, initial=start, desc=cfg.name, unit="step",
+               disable=not info.is_main, dynamic_ncols=True)
+    t_last, tok_count = time.perf_counter(), 0
+    try:
+        while step < total:
+            if tc.max_minutes is not None and elapsed >= tc.max_minutes * 60:
+                log.info("time budget of %.1f min reached at step %d", tc.max_minutes, step)
+                break
+            t0 = time.perf_counter()
+            micro = [next(it) for _ in range(tc.grad_accum)]
+            metrics = trainer.train_step(step, micro)
+            step += 1
+            elapsed += time.perf_counter() - t0
+            tok_count += tc.batch_size * tokens_per_sample
+            bar.update(1)
+            if step % tc.log_every == 0 or step == total:
+                dt = time.perf_counter() - t_last
+                metrics["tokens_per_s"] = tok_count / dt
+                metrics["epoch"] = step / steps_per_epoch
+                if flops_peak:
+                    flops = 6 * trainer.n_params * tok_count / info.world_size
+                    metrics["mfu"] = flops / dt / flops_peak
+                if logger:
+                    logger.log(step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                t_last, tok_count = time.perf_counter(), 0
+            for e in sorted(tc.ckpt_epochs):
+                if e not in epochs_done and step >= e * steps_per_epoch:
+                    epochs_done.add(e)
+                    checkpoint(step, name=f"epoch_{e:03d}")
+                    export(trainer, run_dir / f"model_e{e:03d}.safetensors", step, step / steps_per_epoch)
+            if step % tc.ckpt_every == 0 and step < total:
+                checkpoint(step)
+            if stop_after is not None and step - start >= stop_after and step < total:
+                checkpoint(step)
+                log.info("stopping after %d steps as asked (resume with --resume auto)", stop_after)
+                return run_dir / "model.safetensors"
+    finally:
+        bar.close()
+    checkpoint(step)
+    final = run_dir / "model.safetensors"
+    export(trainer, final, step, step / steps_per_epoch, {"elapsed_s": elapsed})
+    return final
+
+
+def load_ar(path: str | Path, device: str | torch.device = "cpu") -> ARModel:
+    """An exported AR model (model.safetensors + .json) in eval mode."""
+    from iar2.checkpoint import load_meta, load_weights
+    from iar2.config import from_dict
+
+    meta = load_meta(path)
+    model = ARModel(from_dict(ARModelConfig, meta["model_config"]))
+    model.load_state_dict(load_weights(path, device))
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="AR run config (YAML, ARRunConfig: model + train)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.steps=100 model.paradigm=alternating")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.csv, model.safetensors)")
+    p.add_argument("--resume", default=None, metavar="auto|CKPT",
+                   help="'auto': continue from the run's latest checkpoint (or start); or a checkpoint folder")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop this invocation after N steps (with a checkpoint)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(ARRunConfig, args.config, args.set)
+    path = train(cfg, args.out, resume=args.resume, stop_after=args.stop_after)
+    log.info("done: %s", path)
+    return 0
