@@ -29,6 +29,10 @@ def atomic_path(path: str | Path, is_dir: bool = False) -> Iterator[Path]:
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp/mkdtemp create owner-only files; give the artifact the usual umask-based mode
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
         if is_dir:
             if path.exists():  # replace a previous version of the folder
                 old = path.with_name(f".{path.name}.old")
