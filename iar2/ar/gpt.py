@@ -37,6 +37,9 @@ class BackboneConfig:
     # where image tokens sit on the grid: "raster" one token per cell; "interleaved" k1 j1 k2 j2 ... (two tokens
     # per cell, the alternating paradigm); "grouped" all k then all j (the grid is visited twice)
     layout: str = "raster"
+    # "iar2_official": the released IAR2 code's rotary table (LlamaGen's with every cell duplicated, indexed by
+    # sequence position, so tokens 2c and 2c+1 share cell c) -- needed to sample its released checkpoints
+    rope_compat: str = "none"
 
     @property
     def head_dim(self) -> int:
@@ -201,8 +204,9 @@ class Backbone(nn.Module):
         self.cls_embedding = LabelEmbedding(cfg.num_classes, cfg.dim, cfg.class_dropout)
         self.tok_drop = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
-        self.register_buffer("rope", rope_2d_table(cfg.grid, cfg.head_dim, cfg.rope_base,
-                                                   layout=cfg.layout), persistent=False)
+        layout = "interleaved" if cfg.rope_compat == "iar2_official" else cfg.layout
+        rope = rope_2d_table(cfg.grid, cfg.head_dim, cfg.rope_base, layout=layout)[: cfg.seq_len]
+        self.register_buffer("rope", rope, persistent=False)
 
     # ---- training / full-sequence forward
     def forward(self, labels: torch.Tensor, x_emb: torch.Tensor, generator: torch.Generator | None = None):

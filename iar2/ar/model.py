@@ -48,6 +48,8 @@ class ARModelConfig:
     token_dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
     resid_dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
     ffn_dropout: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    # "iar2_official" reproduces the released IAR2 checkpoints' rotary quirk (see README); "none" is the paper's model
+    rope_compat: Literal["none", "iar2_official"] = "none"
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -70,7 +72,7 @@ class ARModelConfig:
         return BackboneConfig(dim=self.dim, n_layer=self.n_layer, n_head=self.n_head, num_classes=self.num_classes,
                               class_dropout=self.class_dropout, token_dropout=self.token_dropout,
                               resid_dropout=self.resid_dropout, ffn_dropout=self.ffn_dropout,
-                              grid=self.grid, layout=layout)
+                              grid=self.grid, layout=layout, rope_compat=self.rope_compat)
 
 
 class ARModel(nn.Module):
