@@ -142,3 +142,19 @@ def test_two_gloo_processes_give_the_same_update_as_one(tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5), k
 
+
+
+@pytest.mark.slow
+def test_training_logs_one_mlflow_run_with_per_step_metrics(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "ar-test")
+    monkeypatch.setenv("IAR2_RUN_ID", "ar/iar2-T")
+    tokens = make_tokens(tmp_path / "tok")
+    train(run_config(tokens, steps=8, log_every=2), tmp_path / "run")
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ar-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["run_id"] == "ar/iar2-T"
+    assert run.data.params["model.paradigm"] == "fused_hierarchical"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "semantic_ce")] == [2, 4, 6, 8]

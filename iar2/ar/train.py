@@ -222,13 +222,22 @@ def export(trainer: ARTrainer, path: Path, step: int, epoch: float, extra: dict 
 
 
 def train(cfg: ARRunConfig, run_dir: str | Path, resume: str | None = None, stop_after: int | None = None) -> Path:
-    """Train (or continue) one AR run; returns the exported final weights path."""
+    """Train (or continue) one AR run; returns the exported final weights path. Logs one MLflow run."""
+    from iar2 import tracking
+
+    info = init_distributed(cfg.train.device)
+    with tracking.start_run(cfg.name, params=to_dict(cfg), tags={"job": "ar_train"}, is_main=info.is_main) as mlrun:
+        path = _train(cfg, Path(run_dir), info, mlrun, resume, stop_after)
+        mlrun.log_artifact(Path(run_dir) / "metrics.csv")
+        mlrun.log_artifact(Path(run_dir) / "config.yaml")
+    return path
+
+
+def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str | None, stop_after: int | None) -> Path:
     from iar2.tokenize import TokenDataset
     from iar2.tokenizer.train import MetricsLogger, StepSeededDataset
 
-    run_dir = Path(run_dir)
     tc = cfg.train
-    info = init_distributed(tc.device)
     data = TokenDataset(tc.tokens, seed=tc.seed)
     check_against_tokens(cfg, data.meta)
     n = len(data)
@@ -293,6 +302,7 @@ def train(cfg: ARRunConfig, run_dir: str | Path, resume: str | None = None, stop
                     metrics["mfu"] = flops / dt / flops_peak
                 if logger:
                     logger.log(step, metrics)
+                mlrun.log_metrics(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 t_last, tok_count = time.perf_counter(), 0
             for e in sorted(tc.ckpt_epochs):

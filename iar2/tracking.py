@@ -1,0 +1,149 @@
+"""Run tracking: every training, sampling and metrics job can log one MLflow run.
+
+Tracking is on when MLFLOW_TRACKING_URI is set (the Snakemake rules set it to a SQLite file under the
+results folder, or a cluster points it at an `mlflow server`); otherwise `start_run` yields a no-op run,
+so library calls and tests never create a store by accident. The experiment comes from
+MLFLOW_EXPERIMENT_NAME (the pipeline uses one per scale). Tags: IAR2_RULE, IAR2_RUN_ID and IAR2_TABLES
+from the environment, plus whatever the caller passes.
+
+SQLite allows one writer at a time: writes are retried with backoff on "database is locked", and the
+experiment is created race-free (a concurrent creator's experiment is reused).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+
+def _retry(fn, *args, attempts: int = 12, **kwargs):
+    delay = 0.05
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # sqlite "database is locked" surfaces as several exception types
+            msg = str(e).lower()
+            if i == attempts - 1 or not any(s in msg for s in ("locked", "busy", "unique constraint", "already exists")):
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+class NullRun:
+    """The run used when tracking is off: every call does nothing."""
+
+    run_id = None
+
+    def log_params(self, params: dict) -> None: ...
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+
+
+class MLflowRun(NullRun):
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            _retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and v == v]
+        if items:
+            _retry(self.client.log_batch, self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        if Path(path).exists():
+            _retry(self.client.log_artifact, self.run_id, str(path), subdir)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            _retry(self.client.set_tag, self.run_id, k, str(v))
+
+
+def enabled() -> bool:
+    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another job created it first
+        exp = _retry(client.get_experiment_by_name, name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Serialise first contact with a SQLite store: concurrent schema creation corrupts its migrations."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def start_run(name: str, params: dict | None = None, tags: dict | None = None,
+              is_main: bool = True) -> Iterator[NullRun]:
+    """One MLflow run around a job (rank 0 only); FINISHED on success, FAILED on an exception."""
+    if not (enabled() and is_main):
+        yield NullRun()
+        return
+    from mlflow.tracking import MlflowClient
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        exp = _retry(_experiment_id, client, os.environ.get("MLFLOW_EXPERIMENT_NAME", "iar2"))
+    env_tags = {k: os.environ[v] for k, v in (("rule", "IAR2_RULE"), ("run_id", "IAR2_RUN_ID"),
+                                              ("tables", "IAR2_TABLES")) if os.environ.get(v)}
+    run = _retry(client.create_run, exp, run_name=name, tags={**env_tags, **(tags or {})})
+    tracked = MLflowRun(client, run.info.run_id)
+    log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, name, exp)
+    if params:
+        tracked.log_params(params)
+    status = "FAILED"
+    try:
+        yield tracked
+        status = "FINISHED"
+    finally:
+        _retry(client.set_terminated, run.info.run_id, status)
