@@ -12,6 +12,8 @@ _BENCHES = {
     "tokenizer": "iar2.tokenizer.train",  # tokenizer training steps/s
     "tokenize": "iar2.tokenize",  # tokenization images/s
     "kmeans": "iar2.rearrange",  # balanced k-means time on a 16384 x 8 codebook
+    "train": "iar2.ar.train",  # AR training tokens/s per paradigm
+    "sample": "iar2.ar.generate",  # sampling images/s per paradigm, KV cache, CFG mode
 }
 
 

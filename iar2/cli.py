@@ -28,6 +28,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "tokenizer"), "iar2.bench", "benchmark tokenizer training steps/s"),
     (("bench", "tokenize"), "iar2.bench", "benchmark tokenization images/s"),
     (("bench", "kmeans"), "iar2.bench", "benchmark balanced k-means on a codebook"),
+    (("bench", "train"), "iar2.bench", "benchmark AR training tokens/s per prediction paradigm"),
+    (("bench", "sample"), "iar2.bench", "benchmark sampling images/s per paradigm, with/without KV cache, CFG mode"),
 ]
 
 

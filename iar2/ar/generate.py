@@ -180,3 +180,66 @@ def generate(model: ARModel, labels: torch.Tensor, indices: torch.Tensor, cfg: S
     finally:
         dec.close()
     return out[:, 0] if mc.paradigm == "single" else out
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def add_bench_arguments(p) -> None:
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--head-layers", type=int, default=2)
+    p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--semantic", type=int, default=256)
+    p.add_argument("--detail", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+
+
+def run_bench(args) -> int:
+    """Images/s and tokens/s: three paradigms x (KV cache on/off) x (static CFG, PAG-CFG), one run."""
+    import time
+
+    from tqdm import tqdm
+
+    from iar2.ar.model import ARModelConfig
+    from iar2.config import from_dict
+    from iar2.distributed import resolve_device
+
+    dev = resolve_device(args.device)
+    variants = {"llamagen": dict(paradigm="single", vocab_size=args.vocab),
+                "iar2": dict(paradigm="fused_hierarchical"),
+                "alternating": dict(paradigm="alternating")}
+    B, m = args.batch_size, args.grid ** 2
+    rows = []
+    cases = [(v, cache, mode) for v in variants for cache in (True, False) for mode in ("static", "pag")]
+    for name, cache, mode in tqdm(cases, desc="bench sample", unit="case"):
+        cfg = from_dict(ARModelConfig, dict(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, grid=args.grid,
+                                            head_layers=args.head_layers, semantic_size=args.semantic,
+                                            detail_size=args.detail, num_classes=10, **variants[name]))
+        torch.manual_seed(0)
+        model = ARModel(cfg).to(dev).eval()
+        sc = SamplingConfig(guidance=GuidanceConfig(mode=mode, scale=2.0), kv_cache=cache)
+        labels = torch.randint(0, 10, (B,), device=dev)
+        generate(model, labels[:1], torch.arange(1), sc)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate(model, labels, torch.arange(B), sc)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        rows.append((name, cache, mode, B / dt, B * m / dt))
+    print(f"{'model':12s} {'kv':>5s} {'cfg':>7s} {'images/s':>10s} {'patches/s':>10s}")
+    for name, cache, mode, ips, tps in rows:
+        print(f"{name:12s} {str(cache):>5s} {mode:>7s} {ips:10.3f} {tps:10.1f}")
+    rate = {(n, c, mo): ips for n, c, mo, ips, _ in rows}
+    base = rate[("llamagen", True, "static")]
+    print("ratios (images/s, KV cache, static CFG, relative to llamagen): "
+          + ", ".join(f"{n}: {rate[(n, True, 'static')] / base:.2f}" for n in variants))
+    print("KV cache speed-up (static CFG): "
+          + ", ".join(f"{n}: {rate[(n, True, 'static')] / rate[(n, False, 'static')]:.2f}x" for n in variants))
+    print("PAG-CFG cost (KV cache, images/s PAG / static): "
+          + ", ".join(f"{n}: {rate[(n, True, 'pag')] / rate[(n, True, 'static')]:.2f}" for n in variants))
+    return 0

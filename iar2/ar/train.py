@@ -353,3 +353,76 @@ def run(args: argparse.Namespace) -> int:
     path = train(cfg, args.out, resume=args.resume, stop_after=args.stop_after)
     log.info("done: %s", path)
     return 0
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--head-layers", type=int, default=2, help="IAR2 head blocks (paper: 5)")
+    p.add_argument("--grid", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=4096, help="single-codebook size (LlamaGen-style)")
+    p.add_argument("--semantic", type=int, default=256)
+    p.add_argument("--detail", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Training tokens/s (image tokens, i.e. patches) of three paradigms on the same backbone."""
+    from iar2.distributed import resolve_device
+
+    dev = resolve_device(args.device)
+    variants = {"llamagen (single)": dict(paradigm="single", vocab_size=args.vocab),
+                "iar2 (fused hierarchical)": dict(paradigm="fused_hierarchical"),
+                "alternating (2m sequence)": dict(paradigm="alternating")}
+    rates = {}
+    for name, v in variants.items():
+        cfg = from_dict_model(dict(dim=args.dim, n_layer=args.n_layer, n_head=args.n_head, grid=args.grid,
+                                   head_layers=args.head_layers, semantic_size=args.semantic,
+                                   detail_size=args.detail, num_classes=10, **v))
+        torch.manual_seed(0)
+        model = ARModel(cfg).to(dev).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        B, m = args.batch_size, args.grid ** 2
+        labels = torch.randint(0, 10, (B,), device=dev)
+        tokens = (torch.randint(0, args.vocab, (B, m), device=dev) if v["paradigm"] == "single" else
+                  torch.stack([torch.randint(0, args.semantic, (B, m), device=dev),
+                               torch.randint(0, args.detail, (B, m), device=dev)], 1))
+        ac = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 and dev.type == "cuda" else nullcontext()
+
+        def step():
+            with ac:
+                loss, _ = model.loss(model(tokens, labels), tokens)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in tqdm(range(args.steps), desc=name, unit="step", leave=False):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / args.steps
+        params = sum(p.numel() for p in model.parameters())
+        rates[name] = B * m / dt
+        print(f"{name:28s} {params / 1e6:7.2f}M params  {1 / dt:7.2f} steps/s  {B * m / dt:10.0f} patches/s")
+    base = rates["llamagen (single)"]
+    print("ratios (patches/s relative to llamagen): "
+          + ", ".join(f"{k}: {r / base:.2f}" for k, r in rates.items()))
+    return 0
+
+
+def from_dict_model(raw: dict) -> ARModelConfig:
+    from iar2.config import from_dict
+
+    return from_dict(ARModelConfig, raw)
