@@ -181,6 +181,8 @@ class ARTrainer:
         sums: dict[str, float] = {}
         for i, (tokens, labels) in enumerate(micro):
             tokens, labels = tokens.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            if tokens.shape[1] == 1:  # a single codebook's one level: (B, 1, m) -> (B, m)
+                tokens = tokens[:, 0]
             last = i == len(micro) - 1
             with no_sync(self.net, not last), self.autocast:
                 out = self.net(tokens, labels, self.gen)
