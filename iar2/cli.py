@@ -24,6 +24,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("rearrange",), "iar2.rearrange", "IAR codebook rearrangement by balanced k-means"),
     (("ar", "train"), "iar2.ar.train", "train an AR model (LlamaGen, IAR, IAR2 or a Table 5 paradigm)"),
     (("ar", "import"), "iar2.ar.convert", "convert a released LlamaGen / IAR / IAR2 GPT checkpoint"),
+    (("sample",), "iar2.sample", "class-conditional samples (sharded, resumable) as ADM .npz (+ PNGs)"),
     (("code-distance",), "iar2.code_distance", "Figure 3: decode codes replaced at growing code distance"),
     (("bench", "tokenizer"), "iar2.bench", "benchmark tokenizer training steps/s"),
     (("bench", "tokenize"), "iar2.bench", "benchmark tokenization images/s"),

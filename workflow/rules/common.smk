@@ -18,6 +18,8 @@ def _load_scale(cfg):
 
 
 config.update(_load_scale(config))
+# (Snakemake exports OMP_NUM_THREADS = the rule's threads, so two 1-thread torch jobs share two cores
+# without spinning against each other.)
 R = config["results"]
 DATA = config["data"]
 TOK = config["tokenizer"]

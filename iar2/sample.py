@@ -1,0 +1,143 @@
+"""`iar2 sample`: class-conditional samples for the generation metrics, sharded and resumable.
+
+Sample i (0 <= i < num_classes * per_class) has label i // per_class and its own randomness stream
+(seed, i) (iar2.ar.generate), so the set of images is the same however it is split. The index range is cut
+into chunks; chunk k is done by torchrun rank k % world within job k // world % jobs == job (separate
+SLURM jobs: --job J --jobs N). Each finished chunk is an atomically written .npz; a rerun skips them.
+When every chunk exists, the samples are merged into the ADM-style `samples.npz` (arr_0: N x H x W x 3
+uint8, arr_1: labels) and a JSON summary; `--png` also writes one PNG per sample.
+
+Models sampled on a larger grid (24x24 tokens = 384 px) are resized to `eval_size` (bicubic), as LlamaGen
+does for the ImageNet-256 benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from iar2.ar.generate import SamplingConfig, generate
+from iar2.config import config_hash, load_config, to_dict
+from iar2.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleRunConfig:
+    per_class: int = field(default=50, metadata={"min": 1})  # the paper protocol: 50 x 1000 classes
+    num_classes: int | None = field(default=None, metadata={"min": 1})  # default: the model's
+    classes: list[int] | None = None  # only these classes (sample grids); default: all
+    batch_size: int = field(default=32, metadata={"min": 1})
+    chunk_size: int = field(default=1000, metadata={"min": 1})
+    eval_size: int | None = field(default=None, metadata={"min": 8})  # resize to this side (bicubic)
+    precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def decode_to_uint8(vq, tokens: torch.Tensor, grid: int, eval_size: int | None) -> torch.Tensor:
+    """Token maps (B, m) or (B, 2, m) -> uint8 images (B, H, W, 3)."""
+    idx = tokens.view(*tokens.shape[:-1], grid, grid)
+    x = vq.decode_indices(idx).float()
+    if eval_size and x.shape[-1] != eval_size:
+        x = F.interpolate(x, size=(eval_size, eval_size), mode="bicubic", align_corners=False)
+    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def plan(cfg: SampleRunConfig, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(global sample indices, labels) of the run."""
+    classes = cfg.classes if cfg.classes is not None else list(range(cfg.num_classes or num_classes))
+    idx = np.concatenate([c * cfg.per_class + np.arange(cfg.per_class) for c in classes])
+    return idx, idx // cfg.per_class
+
+
+def sample_run(ar_path, vq_path, out, cfg: SampleRunConfig, job: int = 0, jobs: int = 1, png: bool = False) -> Path | None:
+    """Sample this process's chunks; merge when all exist. Returns samples.npz once complete."""
+    from iar2.ar.train import load_ar
+    from iar2.distributed import init_distributed
+    from iar2.tokenizer.vq_model import load_vq
+
+    info = init_distributed("auto")
+    dev = info.device
+    model = load_ar(ar_path, dev)
+    vq = load_vq(vq_path, dev)
+    out = Path(out)
+    (out / "chunks").mkdir(parents=True, exist_ok=True)
+    idx, labels = plan(cfg, model.cfg.num_classes)
+    n_chunks = (len(idx) + cfg.chunk_size - 1) // cfg.chunk_size
+    workers = info.world_size * jobs
+    mine = [k for k in range(n_chunks) if k % workers == job * info.world_size + info.rank]
+    todo = [k for k in mine if not (out / "chunks" / f"chunk_{k:05d}.npz").is_file()]
+    log.info("%d samples in %d chunks; this process: %d chunks, %d left", len(idx), n_chunks, len(mine), len(todo))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" and dev.type == "cuda" \
+        else torch.autocast("cpu", enabled=False)
+    bar = tqdm(total=sum(min(cfg.chunk_size, len(idx) - k * cfg.chunk_size) for k in todo), unit="img",
+               desc="sample", disable=not info.is_main)
+    t0 = time.perf_counter()
+    for k in todo:
+        sl = slice(k * cfg.chunk_size, min(len(idx), (k + 1) * cfg.chunk_size))
+        c_idx, c_lab = idx[sl], labels[sl]
+        images = []
+        for b in range(0, len(c_idx), cfg.batch_size):
+            i_b = torch.as_tensor(c_idx[b:b + cfg.batch_size])
+            l_b = torch.as_tensor(c_lab[b:b + cfg.batch_size], device=dev)
+            with autocast:
+                toks = generate(model, l_b, i_b, cfg.sampling)
+            images.append(decode_to_uint8(vq, toks, model.cfg.grid, cfg.eval_size))
+            bar.update(len(i_b))
+        with atomic_path(out / "chunks" / f"chunk_{k:05d}.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, images=torch.cat(images).numpy(), labels=c_lab, indices=c_idx)
+    bar.close()
+    if todo:
+        log.info("sampled %d images in %.1f s", bar.n, time.perf_counter() - t0)
+    if all((out / "chunks" / f"chunk_{k:05d}.npz").is_file() for k in range(n_chunks)):
+        return merge(out, n_chunks, cfg, ar_path, vq_path, png)
+    return None
+
+
+def merge(out: Path, n_chunks: int, cfg: SampleRunConfig, ar_path, vq_path, png: bool) -> Path:
+    parts = [np.load(out / "chunks" / f"chunk_{k:05d}.npz") for k in range(n_chunks)]
+    images = np.concatenate([p["images"] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts])
+    with atomic_path(out / "samples.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, arr_0=images, arr_1=labels)
+    if png:
+        from PIL import Image
+
+        with atomic_path(out / "png", is_dir=True) as tmpdir:
+            for i, (im, lab) in enumerate(zip(images, labels)):
+                Image.fromarray(im).save(tmpdir / f"{i:06d}_c{int(lab):04d}.png")
+    atomic_write_json(out / "samples.json", {"num_samples": int(len(images)), "shape": list(images.shape),
+                                             "ar": str(ar_path), "vq": str(vq_path), "config": to_dict(cfg),
+                                             "config_hash": config_hash(cfg)})
+    log.info("merged %d samples into %s", len(images), out / "samples.npz")
+    return out / "samples.npz"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ar", required=True, help="AR model weights (model.safetensors from `iar2 ar train`/`ar import`)")
+    p.add_argument("--vq", required=True, help="the tokenizer its tokens belong to")
+    p.add_argument("--out", required=True, help="output folder (chunks/, samples.npz, samples.json)")
+    p.add_argument("--config", help="SampleRunConfig YAML (per_class, batch_size, sampling.guidance, ...)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides, e.g. per_class=50 sampling.guidance.mode=pag sampling.guidance.semantic=[1.5,3]")
+    p.add_argument("--job", type=int, default=0, help="this job's index when sampling is split over jobs")
+    p.add_argument("--jobs", type=int, default=1, help="number of separate jobs sharing the run")
+    p.add_argument("--png", action="store_true", help="also write one PNG per sample")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(SampleRunConfig, args.config, args.set)
+    if not 0 <= args.job < args.jobs:
+        raise SystemExit(f"--job {args.job}: allowed values 0..{args.jobs - 1}")
+    sample_run(args.ar, args.vq, args.out, cfg, args.job, args.jobs, args.png)
+    return 0
