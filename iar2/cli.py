@@ -25,6 +25,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("ar", "train"), "iar2.ar.train", "train an AR model (LlamaGen, IAR, IAR2 or a Table 5 paradigm)"),
     (("ar", "import"), "iar2.ar.convert", "convert a released LlamaGen / IAR / IAR2 GPT checkpoint"),
     (("sample",), "iar2.sample", "class-conditional samples (sharded, resumable) as ADM .npz (+ PNGs)"),
+    (("metrics",), "iar2.generation_metrics", "FID / IS / precision / recall of a sample set vs a reference set"),
     (("code-distance",), "iar2.code_distance", "Figure 3: decode codes replaced at growing code distance"),
     (("bench", "tokenizer"), "iar2.bench", "benchmark tokenizer training steps/s"),
     (("bench", "tokenize"), "iar2.bench", "benchmark tokenization images/s"),
