@@ -1,0 +1,659 @@
+"""`iar2 vq train`: one training loop for every tokenizer variant.
+
+Stages (train.stage):
+- single  LlamaGen recipe for the single codebook (and the unassociated dual baseline):
+          l2_weight * MSE + perceptual_weight * LPIPS + codebook_weight * q.loss
+          + disc_weight * hinge generator loss once step >= disc_start.
+- stage1  paper Eq. 7-8: the dual model decodes from the semantic code alone (mode "semantic");
+          perceptual(x, x_s) + semantic commitment. The detail codebook is not trained.
+          (semantic_l2_weight and semantic_gan add the terms the paper leaves out; off by default.)
+- stage2  paper Eq. 9-10, initialised from the stage-1 weights except the detail codebook.
+          Joint steps: l2_weight * MSE + q.loss + disc_weight * GAN on the full reconstruction.
+          Every `semantic_every`-th step (cycle [joint, joint, semantic] for 3, i.e. 2:1) is an Eq. 7
+          step on the semantic-only reconstruction that updates only the semantic codebook.
+          Three generator optimisers, as in the official code: main (encoder, decoder, convs),
+          semantic codebook, detail codebook; joint steps step all three, semantic steps only one.
+
+The PatchGAN discriminator trains with the hinge loss on the steps whose generator loss uses it.
+
+Reproducibility: the batches of step s are a function of (seed, s) (iar2.distributed.StepSampler),
+augmentations of (seed, epoch, index) (ImageFolderDataset's per-sample generators), and every
+state that changes (weights, optimiser moments, BatchNorm statistics, RNG states) is checkpointed,
+so a run killed and resumed ends bit-identical to an uninterrupted one on the same machine.
+
+Outputs in RUN_DIR: config.yaml, metrics.csv, checkpoints/, and at the end vq.safetensors + vq.json
+(the weights downstream steps load with `load_vq`).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from iar2.checkpoint import (latest_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint,
+                             save_weights, set_rng_state)
+from iar2.config import ConfigError, config_hash, from_dict, load_config, to_dict
+from iar2.distributed import (DistInfo, StepSampler, all_reduce_, average_gradients, barrier, cleanup,
+                              init_distributed, no_sync, resolve_device, wrap_ddp)
+from iar2.io import atomic_path, atomic_write_text
+from iar2.tokenizer.config import TokenizerRunConfig
+from iar2.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+
+log = logging.getLogger(__name__)
+
+TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "vq_tiny.yaml"
+
+# Keys that may change between a run and its resumption (they do not change the result up to the
+# step reached); everything else must match the checkpoint's config.
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_last",
+                     "train.device", "train.init_from", "data.num_workers", "data.root", "data.check_report",
+                     "loss.domain_net", "loss.weights_dir"}
+
+
+# ----------------------------------------------------------------------------- config checks
+
+def check_run_config(cfg: TokenizerRunConfig) -> None:
+    """Rules that need the whole run config and are specific to training (ConfigError naming the key)."""
+    lc, tc = cfg.loss, cfg.train
+    has_perc = lc.perceptual != "none" and lc.perceptual_weight > 0
+    if tc.stage in ("stage1", "stage2") and not has_perc and lc.semantic_l2_weight == 0:
+        raise ConfigError("loss.perceptual: Eq. 7 updates (stage1, stage-2 semantic steps) reconstruct only through "
+                          "the perceptual loss, which is off; set loss.perceptual to 'domain' or 'lpips_vgg' "
+                          "(with loss.perceptual_weight > 0) or set loss.semantic_l2_weight > 0")
+    if tc.stage == "single" and lc.l2_weight == 0 and not has_perc:
+        raise ConfigError("loss.l2_weight: the run has no reconstruction loss (l2_weight 0 and no perceptual loss)")
+    if uses_gan(cfg):
+        need = PatchDiscriminator.min_image_size(lc.disc_layers)
+        if cfg.data.image_size < need:
+            raise ConfigError(f"loss.disc_layers: {lc.disc_layers} layers need images of at least {need} px "
+                              f"(data.image_size is {cfg.data.image_size}); use fewer layers")
+
+
+def uses_gan(cfg: TokenizerRunConfig) -> bool:
+    """Whether any step of this stage has an adversarial term (then a discriminator is built)."""
+    if cfg.loss.disc_weight <= 0:
+        return False
+    return cfg.train.stage != "stage1" or cfg.loss.semantic_gan
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+# ----------------------------------------------------------------------------- data
+
+class StepSeededDataset(torch.utils.data.Dataset):
+    """Takes (index, epoch) keys from StepSampler and hands the epoch to the base dataset's
+    per-sample augmentation generator (seeded by (seed, epoch, index)), so augmentation does not
+    depend on workers, ranks or where a run was resumed."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        self.base.set_epoch(epoch)  # one process reads one sample at a time: safe
+        return self.base[index]
+
+
+def build_train_dataset(cfg: TokenizerRunConfig):
+    from iar2.data.imagefolder import ImageFolderDataset
+    from iar2.data.transforms import train_transform
+
+    d = cfg.data
+    return ImageFolderDataset(d.root, "train", train_transform(d.image_size, d.crop_min, d.flip),
+                              report=d.check_report, seed=cfg.train.seed)
+
+
+def build_loader(dataset, cfg: TokenizerRunConfig, info: DistInfo, start_step: int, end_step: int):
+    tc = cfg.train
+    sampler = StepSampler(len(dataset), tc.batch_size, tc.seed, info.rank, info.world_size, tc.grad_accum,
+                          start_step=start_step, end_step=end_step)
+    loader = torch.utils.data.DataLoader(StepSeededDataset(dataset), batch_sampler=sampler,
+                                         num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
+    return loader, sampler
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class MetricsLogger:
+    """`log(step, metrics)`: one row per call in a CSV (appended as training goes; the header grows
+    when new metrics appear) and one line in the log. Subclass or wrap it to send rows elsewhere
+    (e.g. MLflow). On resumption, rows past the resumed step (written after the last checkpoint of
+    the interrupted run) are dropped, so the file reads as one uninterrupted run.
+    sinks: more destinations, each with `log_metrics(step, metrics)` (e.g. iar2.tracking's runs)."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, sinks: list | None = None):
+        self.path = Path(path)
+        self.sinks = list(sinks or [])
+        self.fields: list[str] = ["step"]
+        self.rows: list[dict] = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                self.fields = list(reader.fieldnames or ["step"])
+                for row in reader:
+                    try:
+                        if int(row["step"]) <= resume_step:
+                            self.rows.append(row)
+                    except (TypeError, ValueError):  # a partial last line of a killed run
+                        continue
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=self.fields)
+                w.writeheader()
+                w.writerows(self.rows)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: _fmt(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        new = [k for k in row if k not in self.fields]
+        if new:
+            self.fields += new
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=self.fields).writerow(row)
+        for sink in self.sinks:
+            sink.log_metrics(step, metrics)
+        log.info("step %d: %s", step, " ".join(f"{k}={row[k]}" for k in metrics))
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+class CodebookStats:
+    """Code histograms over a logging window: usage (fraction of codes used) and perplexity."""
+
+    def __init__(self, sizes: dict[str, int], device: torch.device):
+        self.counts = {name: torch.zeros(n, dtype=torch.long, device=device) for name, n in sizes.items()}
+
+    def update(self, indices: torch.Tensor, levels: list[str]) -> None:
+        """indices (B, h, w) for one level or (B, L, h, w); `levels` names the levels to count."""
+        with torch.no_grad():
+            for li, name in enumerate(levels):
+                idx = indices if indices.dim() == 3 else indices[:, li]
+                c = self.counts[name]
+                c += torch.bincount(idx.reshape(-1), minlength=c.numel())
+
+    def summary(self, info: DistInfo) -> dict[str, float]:
+        out = {}
+        for name, c in self.counts.items():
+            c = all_reduce_(c.clone(), info)
+            total = int(c.sum())
+            if total == 0:
+                continue
+            p = c.double() / total
+            entropy = -(p[p > 0] * p[p > 0].log()).sum()
+            out[f"usage_{name}"] = float((c > 0).double().mean())
+            out[f"perplexity_{name}"] = float(entropy.exp())
+            self.counts[name].zero_()
+        return out
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class VQTrainer:
+    """Model, discriminator, losses and optimisers of one tokenizer run; `train_step` does one step."""
+
+    def __init__(self, cfg: TokenizerRunConfig, info: DistInfo | None = None, perceptual: nn.Module | None = None,
+                 build_perceptual_module: bool = True):
+        from iar2.tokenizer.vq_model import VQModel
+
+        self.cfg, tc, lc = cfg, cfg.train, cfg.loss
+        self.info = info or DistInfo(device=resolve_device(tc.device))
+        dev = self.info.device
+        self.stage = tc.stage
+        self.dual = cfg.model.quantizer != "single"
+
+        torch.manual_seed(tc.seed)  # initial weights are a function of the seed
+        self.model = VQModel(cfg.model).to(dev)
+        self.disc = PatchDiscriminator(3, lc.disc_ndf, lc.disc_layers).to(dev) if uses_gan(cfg) else None
+        if lc.perceptual == "none":
+            perceptual = None  # the config decides; a module passed in only replaces building it
+        elif perceptual is None and build_perceptual_module:
+            from iar2.perceptual import build_perceptual
+
+            perceptual = build_perceptual(lc.perceptual, lc.domain_net, lc.weights_dir)
+        self.perceptual = perceptual.to(dev).eval() if perceptual is not None else None
+        if self.perceptual is not None:
+            self.perceptual.requires_grad_(False)
+
+        # generator optimisers: stage2 splits the codebooks off (the semantic-only step steps just one)
+        adam = dict(lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        if self.dual and self.stage in ("stage1", "stage2"):
+            sem = list(self.model.quantize.semantic_parameters())
+            det = list(self.model.quantize.detail_parameters())
+            skip = {id(p) for p in sem + det}
+            main = [p for p in self.model.parameters() if id(p) not in skip]
+            if self.stage == "stage1":  # the detail codebook is not part of Eq. 7
+                self.optimizers["main"] = torch.optim.Adam(main + sem, **adam)
+            else:
+                self.optimizers["main"] = torch.optim.Adam(main, **adam)
+                self.optimizers["semantic"] = torch.optim.Adam(sem, **adam)
+                self.optimizers["detail"] = torch.optim.Adam(det, **adam)
+        else:
+            self.optimizers["main"] = torch.optim.Adam(self.model.parameters(), **adam)
+        if self.disc is not None:
+            self.optimizers["disc"] = torch.optim.Adam(self.disc.parameters(), **{**adam, "lr": lc.disc_lr or tc.lr})
+
+        # DDP for the tokenizer (dual stages leave parameters unused in some steps); the discriminator's
+        # gradients are averaged by hand: it is called twice per update (real, fake), plus inside the generator loss
+        self.ddp_model = wrap_ddp(self.model, self.info, find_unused_parameters=self.stage in ("stage1", "stage2"))
+
+        self.autocast_dtype = None
+        if tc.precision == "bf16":
+            if dev.type == "cuda":
+                self.autocast_dtype = torch.bfloat16
+            else:
+                log.warning("train.precision bf16 is used on CUDA only; running fp32 on %s", dev)
+        levels = {"single": cfg.model.codebook_size} if not self.dual else \
+            {"semantic": cfg.model.semantic_size, "detail": cfg.model.detail_size}
+        self.stats = CodebookStats(levels, dev)
+        self.level_names = list(levels)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    # -- step schedule ------------------------------------------------------------------------
+
+    def step_kind(self, step: int) -> str:
+        """'full' (single stage), 'semantic' (Eq. 7) or 'joint' (Eq. 9) for 0-based step `step`."""
+        if self.stage == "single":
+            return "full"
+        if self.stage == "stage1":
+            return "semantic"
+        every = self.cfg.train.semantic_every
+        return "semantic" if every > 0 and (step + 1) % every == 0 else "joint"
+
+    def gan_active(self, step: int, kind: str) -> bool:
+        if self.disc is None or step < self.cfg.loss.disc_start:
+            return False
+        return kind != "semantic" or self.cfg.loss.semantic_gan
+
+    def stepping_optimizers(self, kind: str) -> list[str]:
+        if self.stage == "stage2" and kind == "semantic":
+            return ["semantic"]
+        return [n for n in self.optimizers if n != "disc"]
+
+    # -- losses ----------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
+
+    def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, q, kind: str, gan: bool) -> dict[str, torch.Tensor]:
+        lc = self.cfg.loss
+        w_l2, w_perc = {"full": (lc.l2_weight, lc.perceptual_weight),
+                        "semantic": (lc.semantic_l2_weight, lc.perceptual_weight),
+                        "joint": (lc.l2_weight, lc.joint_perceptual_weight)}[kind]
+        recon = recon.float()
+        terms = {"l2": F.mse_loss(recon, x), "codebook": q.loss.float()}
+        total = w_l2 * terms["l2"] + lc.codebook_weight * terms["codebook"]
+        if w_perc > 0 and self.perceptual is not None:
+            with self._autocast():
+                terms["perceptual"] = self.perceptual(x, recon).float().mean()
+            total = total + w_perc * terms["perceptual"]
+        if gan:
+            self.disc.requires_grad_(False)  # the generator's loss moves only the generator
+            with self._autocast():
+                terms["gan"] = hinge_g_loss(self.disc(recon).float())
+            self.disc.requires_grad_(True)
+            total = total + lc.disc_weight * terms["gan"]
+        terms["total"] = total
+        return terms
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def train_step(self, step: int, micro: list[torch.Tensor]) -> None:
+        """One optimisation step (0-based `step`) on this process's micro-batches (grad accumulation)."""
+        tc, info = self.cfg.train, self.info
+        kind = self.step_kind(step)
+        mode = "semantic" if kind == "semantic" else "full"
+        gan = self.gan_active(step, kind)
+        names = self.stepping_optimizers(kind)
+        prefix = "sem_" if self.stage == "stage2" and kind == "semantic" else ""
+        n = len(micro)
+        self.model.train()
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=True)
+
+        fakes, sums, finite = [], {}, torch.ones((), device=info.device)
+        for i, x in enumerate(micro):
+            with no_sync(self.ddp_model, skip=i < n - 1):
+                with self._autocast():
+                    recon, q = self.ddp_model(x, mode=mode)
+                terms = self.generator_loss(x, recon, q, kind, gan)
+                (terms["total"] / n).backward()
+            finite = finite * torch.isfinite(terms["total"].detach())
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach() / n
+            self.stats.update(q.indices, self.level_names[:1] if mode == "semantic" else self.level_names)
+            if gan:
+                fakes.append(recon.detach())
+        if not bool(all_reduce_(finite, info, "min")):
+            raise NonFiniteLossError(f"non-finite loss at step {step + 1} ({kind} step); no update was made")
+
+        params = [p for name in names for g in self.optimizers[name].param_groups for p in g["params"]]
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        for name in names:
+            self.optimizers[name].step()
+
+        if gan:  # discriminator update on the same images, hinge loss
+            opt = self.optimizers["disc"]
+            opt.zero_grad(set_to_none=True)
+            d_sum = 0.0
+            for x, fake in zip(micro, fakes):
+                with self._autocast():
+                    d_loss = hinge_d_loss(self.disc(x).float(), self.disc(fake).float())
+                (d_loss / n).backward()
+                d_sum = d_sum + d_loss.detach() / n
+            if not bool(all_reduce_(torch.isfinite(d_sum).float(), info, "min")):
+                raise NonFiniteLossError(f"non-finite discriminator loss at step {step + 1}")
+            average_gradients(self.disc.parameters(), info)
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), tc.grad_clip)
+            opt.step()
+            sums["disc"] = d_sum
+        for k, v in sums.items():
+            self._sums[prefix + k] = self._sums.get(prefix + k, 0.0) + v
+            self._counts[prefix + k] = self._counts.get(prefix + k, 0) + 1
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Window means of the losses (averaged over processes) and codebook statistics; resets the window."""
+        keys = sorted(self._sums)
+        out: dict[str, float] = {}
+        if keys:
+            vals = torch.stack([torch.as_tensor(self._sums[k], device=self.info.device, dtype=torch.float32)
+                                / self._counts[k] for k in keys])
+            vals = all_reduce_(vals, self.info, "mean").tolist()
+            out.update(dict(zip(keys, vals)))
+        out.update(self.stats.summary(self.info))
+        out["lr"] = self.optimizers["main"].param_groups[0]["lr"]
+        self._sums, self._counts = {}, {}
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, **({"disc": self.disc} if self.disc is not None else {})}
+
+    def save(self, run_dir: Path, step: int, extra: dict | None = None) -> Path:
+        meta = {"config": to_dict(self.cfg), "config_hash": config_hash(self.cfg), "rng": rng_state(),
+                **(extra or {})}
+        return save_checkpoint(run_dir, step, self.modules(), self.optimizers, meta, keep_last=self.cfg.train.keep_last)
+
+    def load(self, ckpt: Path) -> dict:
+        meta = load_checkpoint(ckpt, self.modules(), self.optimizers, map_location=str(self.info.device))
+        changed = [k for k in config_changes(meta["config"], to_dict(self.cfg)) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)}: differ from the checkpoint's config ({ckpt}); "
+                              "resume with the same config or start a new run directory")
+        set_rng_state(meta["rng"])
+        return meta
+
+    def init_from_stage1(self, path: str | Path) -> None:
+        """Load stage-1 weights: every tensor except the detail codebook (which starts fresh)."""
+        weights = _stage1_weights(Path(path))
+        sd = load_weights(weights, device=str(self.info.device))
+        detail = {id(p) for p in self.model.quantize.detail_parameters()}
+        detail_keys = {k for k, p in self.model.named_parameters() if id(p) in detail}
+        sd = {k: v for k, v in sd.items() if k not in detail_keys}
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        if set(missing) - detail_keys or unexpected:
+            raise ValueError(f"{weights} does not match the model: missing {sorted(set(missing) - detail_keys)}, "
+                             f"unexpected {sorted(unexpected)}")
+        log.info("stage 2 initialised from %s (%d tensors; fresh: %s)", weights, len(sd), ", ".join(sorted(detail_keys)))
+
+
+def _stage1_weights(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for cand in (path / "vq.safetensors", path / "model.safetensors"):
+        if cand.is_file():
+            return cand
+    ck = latest_checkpoint(path) if path.is_dir() else None
+    if ck is not None:
+        return ck / "model.safetensors"
+    raise FileNotFoundError(f"stage-1 weights not found at {path} (train.init_from: a stage-1 run folder, "
+                            "checkpoint folder or .safetensors file; run `iar2 vq train` with train.stage=stage1 first)")
+
+
+# ----------------------------------------------------------------------------- the run
+
+def export_weights(trainer: VQTrainer, run_dir: Path, step: int) -> Path:
+    cfg = trainer.cfg
+    path = run_dir / "vq.safetensors"
+    save_weights(path, trainer.model.state_dict(),
+                 {"model_config": to_dict(cfg.model), "train_config": to_dict(cfg), "step": step,
+                  "config_hash": config_hash(cfg), "stage": cfg.train.stage})
+    log.info("exported %s (step %d)", path, step)
+    return path
+
+
+def train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = None, stop_after: int | None = None,
+          info: DistInfo | None = None, perceptual: nn.Module | None = None) -> dict:
+    """Train (or resume) a tokenizer run in `run_dir`; returns {"step", "checkpoint", "weights"}.
+
+    resume: None (start; refuses a folder that already has checkpoints), 'auto' (continue from the latest
+    checkpoint if there is one) or a checkpoint folder. stop_after: end this invocation after that many steps
+    (with a checkpoint), as a scheduler's time limit would.
+    """
+    check_run_config(cfg)
+    tc = cfg.train
+    run_dir = Path(run_dir)
+    info = info or init_distributed(tc.device)
+    dev = info.device
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    ckpt = None
+    if resume == "auto":
+        ckpt = latest_checkpoint(run_dir)
+    elif resume:
+        ckpt = Path(resume)
+    elif latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
+                          "or choose a new run directory")
+    if ckpt is None and tc.stage == "stage2" and not tc.init_from:
+        raise ConfigError("train.init_from: stage2 starts from the stage-1 weights; set it to the stage-1 run folder")
+
+    trainer = VQTrainer(cfg, info, perceptual=perceptual)
+    start = 0
+    if ckpt is not None:
+        start = int(trainer.load(ckpt)["step"])
+        log.info("resumed from %s at step %d", ckpt, start)
+    elif tc.stage == "stage2":
+        trainer.init_from_stage1(tc.init_from)
+    if start > tc.steps:
+        raise ConfigError(f"train.steps: {tc.steps} is below the step the run has reached ({start}, {ckpt})")
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+
+    if info.is_main:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    logger = MetricsLogger(run_dir / "metrics.csv", resume_step=start if ckpt is not None else None) \
+        if info.is_main else None
+
+    dataset = build_train_dataset(cfg)
+    loader, sampler = build_loader(dataset, cfg, info, start, end)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    log.info("stage %s, quantizer %s: %.2fM params, %d train images, global batch %d (%d procs x %d accum), "
+             "steps %d -> %d of %d on %s", tc.stage, cfg.model.quantizer, n_params / 1e6, len(dataset),
+             tc.batch_size, info.world_size, tc.grad_accum, start, end, tc.steps, dev)
+
+    bar = tqdm(total=tc.steps, initial=start, unit="step", desc=f"vq {tc.stage}", disable=not info.is_main,
+               dynamic_ncols=True, mininterval=1.0)
+    it = iter(loader)
+    t_last, s_last, last_ckpt = time.perf_counter(), start, ckpt
+    step = start
+    try:
+        for step in range(start, end):
+            micro = [next(it)[0].to(dev, non_blocking=True) for _ in range(tc.grad_accum)]
+            trainer.train_step(step, micro)
+            done = step + 1
+            bar.update(1)
+            if done % tc.log_every == 0 or done == end:
+                metrics = trainer.pop_metrics()
+                now = time.perf_counter()
+                metrics["steps_per_s"] = (done - s_last) / max(now - t_last, 1e-9)
+                metrics["epoch"] = sampler.epoch_of(done - 1)
+                t_last, s_last = now, done
+                if logger is not None:
+                    logger.log(done, metrics)
+                    bar.set_postfix(loss=f"{metrics.get('total', metrics.get('sem_total', math.nan)):.4f}")
+            if done % tc.ckpt_every == 0 or done == end:
+                if info.is_main:
+                    last_ckpt = trainer.save(run_dir, done, {"epoch": sampler.epoch_of(done)})
+                barrier(info)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"{e}; last good checkpoint: {last_ckpt or 'none'}") from None
+    finally:
+        bar.close()
+    weights = None
+    if end == tc.steps:
+        if info.is_main:
+            weights = export_weights(trainer, run_dir, end)
+        barrier(info)
+    else:
+        log.info("stopped after step %d of %d; continue with --resume auto", end, tc.steps)
+    return {"step": end, "checkpoint": last_ckpt, "weights": weights}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=str(TINY_CONFIG),
+                   help=f"tokenizer run config (YAML, TokenizerRunConfig); default: the packaged {TINY_CONFIG.name}")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.steps=100 model.quantizer=semantic_detail")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.csv, vq.safetensors)")
+    p.add_argument("--resume", default=None, metavar="auto|CKPT",
+                   help="'auto': continue from the run's latest checkpoint (or start if none); or a checkpoint folder")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop this invocation after N steps (with a checkpoint); resume later with --resume auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(TokenizerRunConfig, args.config, args.overrides)
+    info = init_distributed(cfg.train.device)
+    try:
+        train(cfg, args.out, resume=args.resume, stop_after=args.stop_after, info=info)
+    finally:
+        cleanup()
+    return 0
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+BENCH_PRESETS = {
+    # the test-sized model and a small one a CPU can still time; vq16 is LlamaGen's VQ-16 (for GPUs)
+    "tiny": dict(model=dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
+                            codebook_size=64, semantic_size=16, detail_size=64), image_size=32, batch_size=16,
+                 disc_layers=2, disc_ndf=16),
+    "small": dict(model=dict(ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=1, z_channels=64, embed_dim=8, norm_groups=8,
+                             codebook_size=1024, semantic_size=256, detail_size=1024), image_size=64, batch_size=16,
+                  disc_layers=3, disc_ndf=32),
+    "vq16": dict(model=dict(), image_size=256, batch_size=16, disc_layers=3, disc_ndf=64),
+}
+BENCH_VARIANTS = [("single", "single", "single"), ("unassociated_dual", "unassociated_dual", "single"),
+                  ("stage1", "semantic_detail", "stage1"), ("stage2", "semantic_detail", "stage2")]
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", nargs="+", default=["tiny", "small"], choices=sorted(BENCH_PRESETS),
+                   help="model sizes to time (default: tiny small)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+
+
+def bench_config(preset: str, quantizer: str, stage: str, batch_size: int | None = None, device: str = "auto",
+                 precision: str = "fp32") -> TokenizerRunConfig:
+    pr = BENCH_PRESETS[preset]
+    return from_dict(TokenizerRunConfig, {
+        "data": {"image_size": pr["image_size"]},
+        "model": {**pr["model"], "quantizer": quantizer},
+        # GAN on from step 0 so the timing includes the discriminator; Eq. 7 steps reconstruct by L2 (no
+        # perceptual network is assumed to be available)
+        "loss": {"perceptual": "none", "disc_start": 0, "disc_layers": pr["disc_layers"], "disc_ndf": pr["disc_ndf"],
+                 "semantic_l2_weight": 1.0},
+        "train": {"stage": stage, "batch_size": batch_size or pr["batch_size"], "device": device,
+                  "precision": precision, "lr": 1e-4},
+    })
+
+
+def time_steps(trainer: VQTrainer, steps: int, warmup: int, image_size: int, batch: int) -> float:
+    """Steps per second of `trainer.train_step` on synthetic images (data loading excluded)."""
+    dev = trainer.info.device
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.rand(batch, 3, image_size, image_size, generator=g) * 2 - 1).to(dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for s in range(warmup):
+        trainer.train_step(s, [x])
+    sync()
+    t0 = time.perf_counter()
+    for s in tqdm(range(warmup, warmup + steps), desc="timing", unit="step", leave=False):
+        trainer.train_step(s, [x])
+    sync()
+    return steps / (time.perf_counter() - t0)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    rows = []
+    for preset in args.preset:
+        base = None
+        for name, quantizer, stage in BENCH_VARIANTS:
+            cfg = bench_config(preset, quantizer, stage, args.batch_size, args.device, args.precision)
+            info = DistInfo(device=resolve_device(args.device))
+            trainer = VQTrainer(cfg, info, build_perceptual_module=False)
+            rate = time_steps(trainer, args.steps, args.warmup, cfg.data.image_size, cfg.train.batch_size)
+            base = base or rate
+            rows.append((preset, name, cfg.train.batch_size, rate, rate * cfg.train.batch_size, rate / base))
+            del trainer
+    print(f"{'preset':<7} {'variant':<18} {'batch':>5} {'steps/s':>9} {'img/s':>9} {'vs single':>9}")
+    for preset, name, b, rate, ips, ratio in rows:
+        print(f"{preset:<7} {name:<18} {b:>5} {rate:>9.2f} {ips:>9.1f} {ratio:>9.2f}")
+    return 0
