@@ -277,3 +277,10 @@ def test_class_index_must_match_folders(tiny_data, tmp_path):
     shutil.rmtree(root / "train" / "moon")
     with pytest.raises(DatasetError, match="moon"):
         ImageFolderDataset(root, "train")
+
+
+def test_iterating_a_dataset_ends(tiny_data):
+    from iar2.data.imagefolder import ImageFolderDataset
+
+    ds = ImageFolderDataset(tiny_data, "val", None)
+    assert sum(1 for _ in ds) == len(ds) == 40

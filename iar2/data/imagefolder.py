@@ -256,6 +256,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
+        if not -len(self.samples) <= index < len(self.samples):
+            raise IndexError(f"index {index} out of range for {len(self.samples)} images")  # ends `for x in ds`
+        index %= len(self.samples)
         # a file that fails to decode (not in the report) is replaced by the next one, deterministically
         for k in range(len(self.samples)):
             i = (index + k) % len(self.samples)
