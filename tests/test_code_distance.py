@@ -7,28 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import random_images, tiny_vq
 from iar2 import code_distance as C
 from iar2.checkpoint import save_weights
 from iar2.config import to_dict
-from iar2.tokenizer.config import VQModelConfig
-
-TINY = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
-            codebook_size=64, semantic_size=16, detail_size=64)
-
-
-def tiny_vq(quantizer: str = "single", seed: int = 0):
-    from iar2.tokenizer.vq_model import VQModel
-
-    torch.manual_seed(seed)
-    model = VQModel(VQModelConfig(**TINY, quantizer=quantizer)).eval()
-    with torch.no_grad():  # spread the codes (the default init puts them very close together)
-        for p in model.quantize.parameters():
-            p.copy_(torch.randn(p.shape) * 0.5)
-    return model
-
-
-def images(n: int = 8, size: int = 16, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def tiny_domain_lpips():
@@ -81,7 +63,7 @@ def test_curve_zero_distance_is_exact_and_error_grows_with_distance():
     codes = model.codebook_vectors("single")
     q = C.distance_quantiles(codes)
     targets = [0.0] + [float(v) for v in np.linspace(q["q00"], q["q100"], 7)]
-    x = images(8)
+    x = random_images(8)
     perc = tiny_domain_lpips()
     res = C.code_distance_curve(model, [x[:4], (x[4:], torch.zeros(4))], targets, "single", perc)
     assert res["num_images"] == 8 and res["codebook_size"] == 64
@@ -117,7 +99,7 @@ def test_curve_zero_distance_is_exact_and_error_grows_with_distance():
 @pytest.mark.parametrize("level", ["semantic", "detail"])
 def test_curve_dual_replaces_only_the_chosen_level(level):
     model = tiny_vq("semantic_detail")
-    x = images(4, seed=3)
+    x = random_images(4, seed=3)
     res = C.code_distance_curve(model, [x], [0.0, 1.0], level)
     assert res["results"][0]["mse_vs_recon"]["mean"] == 0.0
     assert res["results"][1]["mse_vs_recon"]["mean"] > 0.0
@@ -131,7 +113,7 @@ def test_curve_dual_replaces_only_the_chosen_level(level):
 
 def test_curve_rejects_wrong_level():
     with pytest.raises(ValueError, match="not allowed"):
-        C.code_distance_curve(tiny_vq("single"), [images(1)], [0.0], "detail")
+        C.code_distance_curve(tiny_vq("single"), [random_images(1)], [0.0], "detail")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -11,23 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import TINY_VQ, random_images, tiny_vq
 from iar2.cli import main
 from iar2.tokenizer.config import VQModelConfig
 from iar2.tokenizer.convert import export_original, import_checkpoint, to_original
 from iar2.tokenizer.vq_model import VQModel, count_parameters, load_vq
 
-TINY = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
-            codebook_size=64, semantic_size=16, detail_size=64)
-G = TINY["norm_groups"]
-
-
-def source_model(quantizer: str, seed: int = 0) -> VQModel:
-    torch.manual_seed(seed)
-    model = VQModel(VQModelConfig(**TINY, quantizer=quantizer)).eval()
-    with torch.no_grad():  # raw (unnormalised) code rows, as stored in the released files
-        for p in model.quantize.parameters():
-            p.copy_(torch.randn(p.shape) * 0.5)
-    return model
+G = TINY_VQ["norm_groups"]
 
 
 def write_original(path, model: VQModel, ema: VQModel | None = None) -> dict:
@@ -39,10 +29,6 @@ def write_original(path, model: VQModel, ema: VQModel | None = None) -> dict:
         obj["ema"] = to_original(ema.state_dict(), ema.cfg.quantizer)
     torch.save(obj, path)
     return sd
-
-
-def images(n: int = 2, size: int = 16) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
 # ----------------------------------------------------------------------------- an independent reference
@@ -119,7 +105,7 @@ def reference_decode(sd, idx):
 
 @pytest.mark.parametrize("quantizer,fmt,n_keys", [("single", "llamagen", 1), ("semantic_detail", "iar2", 2)])
 def test_import_is_exact_and_matches_the_reference(tmp_path, quantizer, fmt, n_keys):
-    src = source_model(quantizer)
+    src = tiny_vq(quantizer)
     sd = write_original(tmp_path / "orig.pt", src)
     # the documented layout: our parameters + the usage ring buffer(s), IAR2's detail codebook without ".weight"
     assert len(sd) == len(src.state_dict()) + n_keys
@@ -132,7 +118,7 @@ def test_import_is_exact_and_matches_the_reference(tmp_path, quantizer, fmt, n_k
     ours = load_vq(tmp_path / "ours.safetensors")
     for k, v in src.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
-    x = images()
+    x = random_images(2)
     idx = ours.encode_indices(x)
     assert torch.equal(idx, src.encode_indices(x))
     torch.testing.assert_close(ours.decode_indices(idx), src.decode_indices(idx), rtol=0, atol=0)
@@ -145,7 +131,7 @@ def test_import_is_exact_and_matches_the_reference(tmp_path, quantizer, fmt, n_k
 
 
 def test_use_ema_and_export_round_trip(tmp_path):
-    model, ema = source_model("semantic_detail", 0), source_model("semantic_detail", 1)
+    model, ema = tiny_vq("semantic_detail", 0), tiny_vq("semantic_detail", 1)
     write_original(tmp_path / "orig.pt", model, ema=ema)
     sd_ema = to_original(ema.state_dict(), "semantic_detail")
     assert main(["vq", "import", str(tmp_path / "orig.pt"), str(tmp_path / "ema.safetensors"),
@@ -160,7 +146,7 @@ def test_use_ema_and_export_round_trip(tmp_path):
 
 
 def test_bare_state_dict_and_format_detection(tmp_path):
-    src = source_model("single")
+    src = tiny_vq("single")
     torch.save(to_original(src.state_dict(), "single"), tmp_path / "bare.pt")
     cfg = import_checkpoint(tmp_path / "bare.pt", tmp_path / "ours.safetensors", norm_groups=G)
     assert cfg.quantizer == "single" and cfg.codebook_size == 64
@@ -169,7 +155,7 @@ def test_bare_state_dict_and_format_detection(tmp_path):
 def test_rejects_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         import_checkpoint(tmp_path / "nope.pt", tmp_path / "x.safetensors")
-    src = source_model("single")
+    src = tiny_vq("single")
     sd = to_original(src.state_dict(), "single")
     sd.pop("decoder.conv_out.bias")
     torch.save({"model": sd}, tmp_path / "broken.pt")
@@ -178,7 +164,7 @@ def test_rejects_bad_inputs(tmp_path):
     with pytest.raises(KeyError, match="ema"):
         import_checkpoint(tmp_path / "broken.pt", tmp_path / "x.safetensors", use_ema=True, norm_groups=G)
     with pytest.raises(ValueError, match="original layout"):
-        to_original(source_model("unassociated_dual").state_dict(), "unassociated_dual")
+        to_original(tiny_vq("unassociated_dual").state_dict(), "unassociated_dual")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -187,7 +173,7 @@ class _Payload:  # any class other than argparse.Namespace must be refused (weig
 
 
 def test_never_unpickles_arbitrary_objects(tmp_path):
-    sd = to_original(source_model("single").state_dict(), "single")
+    sd = to_original(tiny_vq("single").state_dict(), "single")
     torch.save({"model": sd, "evil": _Payload()}, tmp_path / "evil.pt")
     with pytest.raises(pickle.UnpicklingError):
         import_checkpoint(tmp_path / "evil.pt", tmp_path / "x.safetensors", norm_groups=G)

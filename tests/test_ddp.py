@@ -16,32 +16,22 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import helpers
+from helpers import random_images
 from iar2.checkpoint import load_weights, save_weights
 from iar2.config import deep_merge, from_dict, to_dict
 from iar2.distributed import DistInfo, StepSampler, mix_seed
 from iar2.tokenizer.config import TokenizerRunConfig
 
-TINY_MODEL = dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
-                  codebook_size=64, semantic_size=16, detail_size=64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# this module's runs, over helpers.make_cfg's tiny VQ at 16 px: 2 steps, each logged
+RUN_BASE = {"loss": {"semantic_l2_weight": 1.0},
+            # lr 1e-4: Adam turns gradients at float-noise level (e.g. attention key biases, whose true gradient
+            # is 0) into steps of up to lr, so weight differences scale with lr (measured 5.7e-7 at lr 1e-4)
+            "train": {"steps": 2, "lr": 5e-5, "log_every": 1, "ckpt_every": 100}}
 
 
 def make_cfg(root, **sections) -> TokenizerRunConfig:
-    base = {"data": {"root": str(root), "image_size": 16},
-            "model": dict(TINY_MODEL),
-            "loss": {"perceptual": "none", "disc_start": 10**6, "disc_layers": 2, "disc_ndf": 8,
-                     "semantic_l2_weight": 1.0},
-            # lr 1e-4: Adam turns gradients at float-noise level (e.g. attention key biases, whose true gradient
-            # is 0) into steps of up to lr, so weight differences scale with lr (measured 5.7e-7 at lr 1e-4)
-            "train": {"steps": 2, "batch_size": 8, "lr": 5e-5, "log_every": 1, "ckpt_every": 100, "device": "cpu"}}
-    return from_dict(TokenizerRunConfig, deep_merge(base, sections))
+    return helpers.make_cfg(root, RUN_BASE, **sections)
 
 
 def variants(root, stage1: str) -> dict[str, TokenizerRunConfig]:
@@ -97,7 +87,7 @@ def _free_port() -> int:
 
 
 def global_batch() -> torch.Tensor:
-    return torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    return random_images(8, 16, seed=7)
 
 
 def _worker(rank: int, world: int, port: int, root: str, stage1: str, out: str) -> None:

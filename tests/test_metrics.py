@@ -17,15 +17,6 @@ from iar2.metrics import (SSIM_LLAMAGEN, FeatureCollector, UInt8ImageDataset, co
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions: one thread is fastest, and much faster than two on a shared, loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _images(n=4, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     # smooth-ish images (upsampled noise) so SSIM's local statistics are not pure noise

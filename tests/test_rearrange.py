@@ -7,13 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import random_images, tiny_vq
 from iar2 import rearrange as R
 from iar2.checkpoint import save_weights
 from iar2.config import to_dict
-from iar2.tokenizer.config import VQModelConfig
-
-TINY = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
-            codebook_size=64, semantic_size=16, detail_size=64)
 
 
 def unit_codes(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
@@ -212,21 +209,6 @@ def test_mapping_file_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- rearranged tokenizers
 
-def tiny_vq(quantizer: str, seed: int = 0):
-    from iar2.tokenizer.vq_model import VQModel
-
-    torch.manual_seed(seed)
-    model = VQModel(VQModelConfig(**TINY, quantizer=quantizer)).eval()
-    with torch.no_grad():  # spread the codes (the default init puts them very close together)
-        for p in model.quantize.parameters():
-            p.copy_(torch.randn(p.shape) * 0.5)
-    return model
-
-
-def images(n: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
 @pytest.mark.parametrize("quantizer,level,clusters", [("single", "single", 8), ("semantic_detail", "detail", 8),
                                                       ("semantic_detail", "semantic", 4),
                                                       ("unassociated_dual", "detail", 8)])
@@ -237,7 +219,7 @@ def test_rearranged_vq_decodes_remapped_codes_identically(tmp_path, quantizer, l
     r = R.rearrange_codebook(model.codebook_vectors(level), clusters, seed=0, max_iter=20, normalize=False)
     R.write_rearranged_vq(model, tmp_path / "vq.safetensors", level, r.mapping)
     new = load_vq(tmp_path / "vq.safetensors")
-    x = images()
+    x = random_images(3)
     old_idx = model.encode_indices(x)
     new_idx = R.remap_level(old_idx, r.mapping, level)
     assert not torch.equal(new_idx, old_idx)
@@ -269,7 +251,7 @@ def test_cli_rearrange_and_apply_iar_mapping(tmp_path):
     mapping, info = R.load_mapping(out / "mapping.safetensors", 64)
     assert torch.equal(torch.load(out / "mapping.pt", weights_only=True), mapping)
     assert info["inertia"] == summary["inertia"]
-    x = images(seed=2)
+    x = random_images(3, seed=2)
     old_idx = model.encode_indices(x)
     new = load_vq(out / "vq.safetensors")
     assert torch.equal(new.decode_indices(R.to_new(old_idx, mapping)), model.decode_indices(old_idx))

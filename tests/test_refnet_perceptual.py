@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import random_images
 from iar2.perceptual import DomainLPIPS, LPIPSVGG, build_perceptual, unit_normalize
 from iar2.refnet import RefNet, RefNetConfig, load_refnet, train_refnet
 
@@ -39,7 +40,7 @@ def test_load_refnet_round_trip(trained, tiny_data):
     path, meta = trained
     net = load_refnet(path)
     assert not net.training and not any(p.requires_grad for p in net.parameters())
-    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = random_images(3, 32, seed=0)
     assert net(x).shape == (3, 10) and net.pool_features(x).shape == (3, net.feature_dim) == (3, 32)
     maps = net.feature_maps(x)
     assert [tuple(m.shape) for m in maps] == [(3, 8, 32, 32), (3, 16, 16, 16), (3, 32, 8, 8)]
@@ -65,10 +66,6 @@ def test_refnet_input_conventions():
 @pytest.fixture(scope="module")
 def domain(trained):
     return build_perceptual("domain", domain_net=trained[0])
-
-
-def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def test_domain_lpips_is_the_lpips_formula(domain, tiny_data):
@@ -103,10 +100,10 @@ def test_domain_lpips_grows_with_noise(domain, tiny_data):
 
 
 def test_perceptual_is_frozen_but_passes_gradients(domain):
-    x = _images(2, 3).requires_grad_(True)
+    x = random_images(2, 32, seed=3).requires_grad_(True)
     domain.train()  # a parent's .train() must not change it
     assert not domain.training and not domain.net.training
-    domain(x, _images(2, 4)).sum().backward()
+    domain(x, random_images(2, 32, seed=4)).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in domain.parameters())
 
@@ -176,7 +173,7 @@ def test_lpips_vgg_loads_local_weights(vgg_file, no_downloads, monkeypatch):
     ref.net.load_state_dict(m.lpips.net.state_dict())
     for a, b in zip(m.lpips.lins.parameters(), ref.lins.parameters()):
         assert torch.equal(a, b)
-    x, y = _images(2, 5), _images(2, 6)
+    x, y = random_images(2, 32, seed=5), random_images(2, 32, seed=6)
     d = m(x, y)
     assert d.shape == (2,) and (d > 0).all()
     assert torch.allclose(d, ref(x, y).flatten(), atol=1e-6)

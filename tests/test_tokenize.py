@@ -10,37 +10,17 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from iar2.checkpoint import save_weights
-from iar2.config import to_dict
+from helpers import save_tiny_vq
 from iar2.tokenize import AUGMENTATIONS, TokenDataset, tokenize
 
 SIZE = 16  # tokenizer input size (tiny_data images are 32 px); grid 4x4 with downsample 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions: one thread is fastest, and much faster than two on a shared, loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_vq(path, quantizer="semantic_detail", seed=0):
-    from iar2.tokenizer.config import VQModelConfig
-    from iar2.tokenizer.vq_model import VQModel
-
-    cfg = VQModelConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
-                        codebook_size=64, semantic_size=16, detail_size=64, quantizer=quantizer)
-    torch.manual_seed(seed)
-    save_weights(path, VQModel(cfg).state_dict(), {"model_config": to_dict(cfg), "image_size": SIZE})
-    return path
-
-
 @pytest.fixture(scope="module")
 def vqs(tmp_path_factory):
     d = tmp_path_factory.mktemp("vq")
-    return {"dual": make_vq(d / "dual.safetensors"), "single": make_vq(d / "single.safetensors", "single")}
+    return {"dual": save_tiny_vq(d / "dual.safetensors", image_size=SIZE),
+            "single": save_tiny_vq(d / "single.safetensors", "single", image_size=SIZE)}
 
 
 @pytest.fixture(scope="module")

@@ -5,27 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import TINY_VQ, random_images, tiny_vq
 from iar2.checkpoint import save_weights
 from iar2.config import ConfigError, from_dict, to_dict
 from iar2.tokenizer.config import VQModelConfig
 from iar2.tokenizer.vq_model import VQModel, count_parameters, load_vq
-
-TINY = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
-            codebook_size=64, semantic_size=16, detail_size=64)
-
-
-def tiny(quantizer: str = "single", seed: int = 0) -> VQModel:
-    torch.manual_seed(seed)
-    model = VQModel(VQModelConfig(**TINY, quantizer=quantizer)).eval()
-    with torch.no_grad():  # spread the codes (the uniform init puts them all very close together)
-        for p in model.quantize.parameters():
-            p.copy_(torch.randn(p.shape) * 0.5)
-    return model
-
-
-def images(n: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
 
 # ----------------------------------------------------------------------------- LlamaGen VQ-16 shapes
 
@@ -66,12 +50,12 @@ def test_default_config_is_llamagen_vq16():
 
 def test_config_rules():
     with pytest.raises(ConfigError, match="embed_dim"):
-        from_dict(VQModelConfig, {**to_dict(VQModelConfig(**TINY)), "quantizer": "unassociated_dual",
+        from_dict(VQModelConfig, {**to_dict(VQModelConfig(**TINY_VQ)), "quantizer": "unassociated_dual",
                                   "embed_dim": 7})
     with pytest.raises(ConfigError, match="norm_groups"):
         from_dict(VQModelConfig, {"ch": 16, "norm_groups": 32})
-    cfg = from_dict(VQModelConfig, to_dict(VQModelConfig(**TINY)))
-    assert cfg == VQModelConfig(**TINY) and cfg.downsample == 4
+    cfg = from_dict(VQModelConfig, to_dict(VQModelConfig(**TINY_VQ)))
+    assert cfg == VQModelConfig(**TINY_VQ) and cfg.downsample == 4
 
 
 # ----------------------------------------------------------------------------- forward
@@ -79,8 +63,8 @@ def test_config_rules():
 @pytest.mark.parametrize("quantizer,shape", [("single", (2, 4, 4)), ("semantic_detail", (2, 2, 4, 4)),
                                              ("unassociated_dual", (2, 2, 4, 4))])
 def test_forward_and_index_round_trip(quantizer, shape):
-    model = tiny(quantizer)
-    x = images()
+    model = tiny_vq(quantizer)
+    x = random_images(2)
     recon, q = model(x)
     assert recon.shape == x.shape and q.z_q.shape == (2, 8, 4, 4)
     assert model.grid(16) == 4
@@ -91,8 +75,8 @@ def test_forward_and_index_round_trip(quantizer, shape):
 
 
 def test_semantic_mode_reconstructs_from_the_semantic_code_only():
-    model = tiny("semantic_detail")
-    x = images()
+    model = tiny_vq("semantic_detail")
+    x = random_images(2)
     recon_s, q_s = model(x, mode="semantic")
     idx = model.encode_indices(x)
     torch.testing.assert_close(model.decode_indices(idx, mode="semantic"), recon_s, rtol=0, atol=0)
@@ -104,7 +88,7 @@ def test_semantic_mode_reconstructs_from_the_semantic_code_only():
 
 
 def test_codebook_vectors_are_the_lookup_vectors():
-    single, dual, unassoc = tiny("single"), tiny("semantic_detail"), tiny("unassociated_dual")
+    single, dual, unassoc = tiny_vq("single"), tiny_vq("semantic_detail"), tiny_vq("unassociated_dual")
     torch.testing.assert_close(single.codebook_vectors(), F.normalize(single.quantize.codebook.weight, dim=-1))
     torch.testing.assert_close(dual.codebook_vectors("semantic"),
                                F.normalize(dual.quantize.semantic_codebook.weight, dim=-1))
@@ -117,8 +101,8 @@ def test_codebook_vectors_are_the_lookup_vectors():
 
 
 def test_gradients_reach_encoder_decoder_and_codebooks():
-    model = tiny("semantic_detail").train()
-    recon, q = model(images())
+    model = tiny_vq("semantic_detail").train()
+    recon, q = model(random_images(2))
     (recon.pow(2).mean() + q.loss).backward()
     for name in ("encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight",
                  "post_quant_conv.weight", "quantize.semantic_codebook.weight", "quantize.detail_codebook.weight"):
@@ -128,10 +112,10 @@ def test_gradients_reach_encoder_decoder_and_codebooks():
 def test_dual_tokens_quantise_the_latent_more_finely_than_the_semantic_code():
     # single-vs-dual sanity at the model level: with a zero detail code available, adding the detail code never
     # moves the quantised latent further from the encoder's latent, and it usually moves it closer
-    model = tiny("semantic_detail")
+    model = tiny_vq("semantic_detail")
     with torch.no_grad():
         model.quantize.detail_codebook.weight[0] = 0.0
-        h = model.quant_conv(model.encoder(images()))
+        h = model.quant_conv(model.encoder(random_images(2)))
     z = F.normalize(h, dim=1)
     err_full = (model.quantize(h).z_q - z).pow(2).sum(1)
     err_sem = (model.quantize(h, mode="semantic").z_q - z).pow(2).sum(1)
@@ -141,13 +125,13 @@ def test_dual_tokens_quantise_the_latent_more_finely_than_the_semantic_code():
 # ----------------------------------------------------------------------------- load_vq
 
 def test_load_vq_round_trip(tmp_path):
-    model = tiny("semantic_detail")
+    model = tiny_vq("semantic_detail")
     path = tmp_path / "vq.safetensors"
     save_weights(path, model.state_dict(), {"model_config": to_dict(model.cfg)})
     for p in (path, path.with_suffix(".json")):
         loaded = load_vq(p)
         assert not loaded.training and loaded.cfg == model.cfg
-        x = images()
+        x = random_images(2)
         assert torch.equal(loaded.encode_indices(x), model.encode_indices(x))
         torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):

@@ -7,33 +7,23 @@ import json
 import pytest
 import torch
 
+import helpers
+from helpers import random_images
 from iar2.checkpoint import latest_checkpoint, load_weights
-from iar2.config import ConfigError, deep_merge, from_dict
+from iar2.config import ConfigError
 from iar2.distributed import DistInfo
 from iar2.io import atomic_write_text
 from iar2.tokenizer.config import TokenizerRunConfig
 from iar2.tokenizer.train import NonFiniteLossError, VQTrainer, config_changes, train
 
-TINY_MODEL = dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
-                  codebook_size=64, semantic_size=16, detail_size=64)
 SIZE = 16  # px: 4x4 tokens
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two shared cores: one intra-op thread per process is both faster and reproducible
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# this module's runs, over helpers.make_cfg's tiny VQ at SIZE px: 10 steps at lr 1e-3, checkpoints every 5
+RUN_BASE = {"data": {"image_size": SIZE, "crop_min": 0.8},
+            "train": {"steps": 10, "lr": 1e-3, "log_every": 5, "ckpt_every": 5}}
 
 
 def make_cfg(root, **sections) -> TokenizerRunConfig:
-    base = {"data": {"root": str(root), "image_size": SIZE, "crop_min": 0.8},
-            "model": dict(TINY_MODEL),
-            "loss": {"perceptual": "none", "disc_start": 10**6, "disc_layers": 2, "disc_ndf": 8},
-            "train": {"steps": 10, "batch_size": 8, "lr": 1e-3, "log_every": 5, "ckpt_every": 5, "device": "cpu"}}
-    return from_dict(TokenizerRunConfig, deep_merge(base, sections))
+    return helpers.make_cfg(root, RUN_BASE, **sections)
 
 
 def val_images(root) -> torch.Tensor:
@@ -152,8 +142,7 @@ def test_stage2_schedule_and_semantic_only_updates(tiny_data, stage1_weights):
     trainer.init_from_stage1(stage1_weights)
     assert [trainer.step_kind(s) for s in range(6)] == ["joint", "joint", "semantic"] * 2
     assert set(trainer.optimizers) == {"main", "semantic", "detail", "disc"}
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 3, SIZE, SIZE, generator=g) * 2 - 1
+    x = random_images(4, SIZE, seed=0)
     sem_key = "quantize.semantic_codebook.weight"
 
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -180,7 +169,7 @@ def test_stage1_leaves_detail_codebook_alone(tiny_data):
     detail = trainer.model.quantize.detail_codebook.weight
     assert all(p is not detail for p in trainer.optimizers["main"].param_groups[0]["params"])
     d0, s0 = detail.clone(), trainer.model.quantize.semantic_codebook.weight.clone()
-    x = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x = random_images(4, SIZE, seed=1)
     trainer.train_step(0, [x])
     assert torch.equal(detail, d0)
     assert not torch.equal(trainer.model.quantize.semantic_codebook.weight, s0)

@@ -1,0 +1,53 @@
+"""Builders shared by several test modules: a tiny VQ tokenizer, random images, tokenizer-run configs.
+
+Test modules import them with `from helpers import ...` (tests/ is on sys.path under pytest's rootdir import mode).
+"""
+from __future__ import annotations
+
+import torch
+
+from iar2.checkpoint import save_weights
+from iar2.config import deep_merge, from_dict, to_dict
+from iar2.tokenizer.config import TokenizerRunConfig, VQModelConfig
+from iar2.tokenizer.vq_model import VQModel
+
+# A VQ small enough for CPU tests: downsample 4 (16 px -> 4x4 tokens), codebooks of 64 (single) or 16 + 64 (dual).
+TINY_VQ = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
+               codebook_size=64, semantic_size=16, detail_size=64)
+
+
+def tiny_vq(quantizer: str = "single", seed: int = 0, spread: bool = True) -> VQModel:
+    """A seeded tiny VQModel in eval mode. spread: redraw the code rows as N(0, 0.5^2) (raw, unnormalised rows, as
+    stored in released checkpoints); the default init puts the codes very close together."""
+    torch.manual_seed(seed)
+    model = VQModel(VQModelConfig(**TINY_VQ, quantizer=quantizer)).eval()
+    if spread:
+        with torch.no_grad():
+            for p in model.quantize.parameters():
+                p.copy_(torch.randn(p.shape) * 0.5)
+    return model
+
+
+def save_tiny_vq(path, quantizer: str = "semantic_detail", seed: int = 0, image_size: int | None = None):
+    """Write a freshly initialised (not spread) tiny VQ as a weights file with its model config; returns path."""
+    model = tiny_vq(quantizer, seed, spread=False)
+    meta = {"model_config": to_dict(model.cfg)}
+    if image_size is not None:
+        meta["image_size"] = image_size
+    save_weights(path, model.state_dict(), meta)
+    return path
+
+
+def random_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """n uniform-noise RGB images in [-1, 1], (n, 3, size, size), from their own seeded generator."""
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def make_cfg(root, base: dict | None = None, **sections) -> TokenizerRunConfig:
+    """A tokenizer-training run on the tiny VQ at 16 px on the CPU, discriminator off, no perceptual loss.
+    base: the calling module's own defaults merged over these; sections: one test's overrides, merged last."""
+    common = {"data": {"root": str(root), "image_size": 16},
+              "model": dict(TINY_VQ),
+              "loss": {"perceptual": "none", "disc_start": 10**6, "disc_layers": 2, "disc_ndf": 8},
+              "train": {"batch_size": 8, "device": "cpu"}}
+    return from_dict(TokenizerRunConfig, deep_merge(deep_merge(common, base or {}), sections))
