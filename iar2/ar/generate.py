@@ -158,6 +158,9 @@ def generate(model: ARModel, labels: torch.Tensor, indices: torch.Tensor, cfg: S
         else:
             x = None
             hier = mc.paradigm == "fused_hierarchical"
+            if hier and cfg.kv_cache:
+                p0 = next(model.parameters())
+                model.head.setup_cache(labels2.shape[0], p0.dtype, p0.device)
             use_ctx = hier and model.head.use_context
             H = None
             for i in range(M):
@@ -179,6 +182,8 @@ def generate(model: ARModel, labels: torch.Tensor, indices: torch.Tensor, cfg: S
                 x = model.embed_pairs(dup(k), dup(j))
     finally:
         dec.close()
+        if mc.paradigm == "fused_hierarchical":
+            model.head.clear_cache()
     return out[:, 0] if mc.paradigm == "single" else out
 
 

@@ -115,11 +115,28 @@ class SemanticDetailHead(nn.Module):
         nn.init.zeros_(self.output1[2].weight)
         nn.init.zeros_(self.output2[2].weight)
 
-    def _run(self, seq: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        rope = self.rope[: seq.shape[1]]
+    def _run(self, seq: torch.Tensor, norm: nn.Module, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Full causal pass, or (pos given, caches set) an incremental pass of new slots at positions `pos`."""
+        if pos is None:
+            rope, mask = self.rope[: seq.shape[1]], None
+        else:
+            rope = self.rope[pos]
+            mask = torch.arange(self.rope.shape[0], device=seq.device)[None, :] <= pos[:, None]
         for blk in self.blocks:
-            seq = blk(seq, rope)
+            seq = blk(seq, rope, pos, mask)
         return norm(seq)
+
+    def setup_cache(self, batch: int, dtype, device) -> None:
+        """KV caches for incremental decoding: the semantic step fills [c, h], the detail step adds one slot."""
+        from iar2.ar.gpt import KVCache
+
+        attn = self.blocks[0].attention
+        for blk in self.blocks:
+            blk.attention.kv_cache = KVCache(batch, self.rope.shape[0], attn.n_head, attn.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for blk in self.blocks:
+            blk.attention.kv_cache = None
 
     # The semantic-token embedding Emb_s is the backbone's (token fusion, Eq. 12): the owner passes it in.
     def forward(self, h: torch.Tensor, ctx: torch.Tensor | None, sem_emb: torch.Tensor, norm: nn.Module):
@@ -131,14 +148,24 @@ class SemanticDetailHead(nn.Module):
         o = 1 if self.use_context else 0
         return self.output1(out[:, :, o]).float(), self.output2(out[:, :, o + 1]).float()
 
+    def _cached(self) -> bool:
+        return self.blocks[0].attention.kv_cache is not None
+
     def predict_semantic(self, h: torch.Tensor, ctx: torch.Tensor | None, norm: nn.Module) -> torch.Tensor:
-        """Inference step 1: semantic logits from [c, h] (B, D) -> (B, V_s)."""
+        """Inference step 1: semantic logits from [c, h] (B, D) -> (B, V_s). Fills the head caches if set."""
         parts = ([ctx] if self.use_context else []) + [h]
-        out = self._run(torch.stack(parts, dim=1), norm)
+        pos = torch.arange(len(parts), device=h.device) if self._cached() else None
+        out = self._run(torch.stack(parts, dim=1), norm, pos)
         return self.output1(out[:, -1]).float()
 
     def predict_detail(self, h: torch.Tensor, ctx: torch.Tensor | None, sem_emb: torch.Tensor, norm: nn.Module):
-        """Inference step 2: detail logits from [c, h, Emb_s(k)], each (B, D) -> (B, V_d)."""
-        parts = ([ctx] if self.use_context else []) + [h, sem_emb]
-        out = self._run(torch.stack(parts, dim=1), norm)
+        """Inference step 2: detail logits from [c, h, Emb_s(k)], each (B, D) -> (B, V_d).
+
+        With caches set (after predict_semantic for the same patch) only the new slot is computed."""
+        if self._cached():
+            pos = torch.tensor([self.rope.shape[0] - 1], device=h.device)
+            out = self._run(sem_emb[:, None], norm, pos)
+        else:
+            parts = ([ctx] if self.use_context else []) + [h, sem_emb]
+            out = self._run(torch.stack(parts, dim=1), norm)
         return self.output2(out[:, -1]).float()
