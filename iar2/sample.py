@@ -5,7 +5,9 @@ Sample i (0 <= i < num_classes * per_class) has label i // per_class and its own
 into chunks; chunk k is done by torchrun rank k % world within job k // world % jobs == job (separate
 SLURM jobs: --job J --jobs N). Each finished chunk is an atomically written .npz; a rerun skips them.
 When every chunk exists, the samples are merged into the ADM-style `samples.npz` (arr_0: N x H x W x 3
-uint8, arr_1: labels) and a JSON summary; `--png` also writes one PNG per sample.
+uint8, arr_1: labels) and a JSON summary; `--png` also writes one PNG per sample, `--grid N` a class grid.
+With reject.factor > 1, factor x candidates per class are drawn and scored, and the best per_class of each
+class are kept (iar2/reject_sampling.py documents the rule).
 
 Models sampled on a larger grid (24x24 tokens = 384 px) are resized to `eval_size` (bicubic), as LlamaGen
 does for the ImageNet-256 benchmark.
@@ -31,6 +33,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class RejectConfig:
+    factor: int = field(default=1, metadata={"min": 1})  # candidates per kept sample; 1 = no reject sampling
+    classifier: str = field(default="domain", metadata={"choices": ["domain", "resnet50"]})
+    domain_net: str | None = None
+    weights_dir: str | None = None
+
+
+@dataclass
 class SampleRunConfig:
     per_class: int = field(default=50, metadata={"min": 1})  # the paper protocol: 50 x 1000 classes
     num_classes: int | None = field(default=None, metadata={"min": 1})  # default: the model's
@@ -40,6 +50,7 @@ class SampleRunConfig:
     eval_size: int | None = field(default=None, metadata={"min": 8})  # resize to this side (bicubic)
     precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reject: RejectConfig = field(default_factory=RejectConfig)  # classifier-scored reject sampling (iar2/reject_sampling.py)
 
 
 def decode_to_uint8(vq, tokens: torch.Tensor, grid: int, eval_size: int | None) -> torch.Tensor:
@@ -52,13 +63,15 @@ def decode_to_uint8(vq, tokens: torch.Tensor, grid: int, eval_size: int | None) 
 
 
 def plan(cfg: SampleRunConfig, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(global sample indices, labels) of the run."""
+    """(global sample indices, labels) of the run; with reject sampling, factor x candidates per class."""
     classes = cfg.classes if cfg.classes is not None else list(range(cfg.num_classes or num_classes))
-    idx = np.concatenate([c * cfg.per_class + np.arange(cfg.per_class) for c in classes])
-    return idx, idx // cfg.per_class
+    n = cfg.per_class * cfg.reject.factor
+    idx = np.concatenate([c * n + np.arange(n) for c in classes])
+    return idx, idx // n
 
 
-def sample_run(ar_path, vq_path, out, cfg: SampleRunConfig, job: int = 0, jobs: int = 1, png: bool = False) -> Path | None:
+def sample_run(ar_path, vq_path, out, cfg: SampleRunConfig, job: int = 0, jobs: int = 1, png: bool = False,
+               grid: int = 0) -> Path | None:
     """Sample this process's chunks; merge when all exist. Returns samples.npz once complete."""
     from iar2.ar.train import load_ar
     from iar2.distributed import init_distributed
@@ -78,35 +91,67 @@ def sample_run(ar_path, vq_path, out, cfg: SampleRunConfig, job: int = 0, jobs: 
     log.info("%d samples in %d chunks; this process: %d chunks, %d left", len(idx), n_chunks, len(mine), len(todo))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" and dev.type == "cuda" \
         else torch.autocast("cpu", enabled=False)
+    scorer = None
+    if cfg.reject.factor > 1:
+        from iar2.reject_sampling import Scorer
+
+        scorer = Scorer(cfg.reject.classifier, cfg.reject.domain_net, cfg.reject.weights_dir, dev)
     bar = tqdm(total=sum(min(cfg.chunk_size, len(idx) - k * cfg.chunk_size) for k in todo), unit="img",
                desc="sample", disable=not info.is_main)
     t0 = time.perf_counter()
     for k in todo:
         sl = slice(k * cfg.chunk_size, min(len(idx), (k + 1) * cfg.chunk_size))
         c_idx, c_lab = idx[sl], labels[sl]
-        images = []
+        images, scores = [], []
         for b in range(0, len(c_idx), cfg.batch_size):
             i_b = torch.as_tensor(c_idx[b:b + cfg.batch_size])
             l_b = torch.as_tensor(c_lab[b:b + cfg.batch_size], device=dev)
             with autocast:
                 toks = generate(model, l_b, i_b, cfg.sampling)
             images.append(decode_to_uint8(vq, toks, model.cfg.grid, cfg.eval_size))
+            if scorer is not None:
+                scores.append(scorer(images[-1], l_b.cpu()))
             bar.update(len(i_b))
+        extra = {"scores": torch.cat(scores).numpy()} if scores else {}
         with atomic_path(out / "chunks" / f"chunk_{k:05d}.npz") as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, images=torch.cat(images).numpy(), labels=c_lab, indices=c_idx)
+                np.savez(fh, images=torch.cat(images).numpy(), labels=c_lab, indices=c_idx, **extra)
     bar.close()
     if todo:
         log.info("sampled %d images in %.1f s", bar.n, time.perf_counter() - t0)
     if all((out / "chunks" / f"chunk_{k:05d}.npz").is_file() for k in range(n_chunks)):
-        return merge(out, n_chunks, cfg, ar_path, vq_path, png)
+        return merge(out, n_chunks, cfg, ar_path, vq_path, png, grid)
     return None
 
 
-def merge(out: Path, n_chunks: int, cfg: SampleRunConfig, ar_path, vq_path, png: bool) -> Path:
+def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, ncols: int) -> None:
+    """A PNG with one row per class and up to `ncols` samples per row (Figures 9-11)."""
+    from PIL import Image
+
+    classes = list(dict.fromkeys(labels.tolist()))
+    h, w = images.shape[1:3]
+    canvas = np.full((len(classes) * (h + 2), ncols * (w + 2), 3), 255, np.uint8)
+    for r, c in enumerate(classes):
+        for j, im in enumerate(images[labels == c][:ncols]):
+            canvas[r * (h + 2):r * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = im
+    with atomic_path(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+
+
+def merge(out: Path, n_chunks: int, cfg: SampleRunConfig, ar_path, vq_path, png: bool, grid: int = 0) -> Path:
     parts = [np.load(out / "chunks" / f"chunk_{k:05d}.npz") for k in range(n_chunks)]
     images = np.concatenate([p["images"] for p in parts])
     labels = np.concatenate([p["labels"] for p in parts])
+    summary = {}
+    if cfg.reject.factor > 1:
+        from iar2.reject_sampling import select
+
+        scores = np.concatenate([p["scores"] for p in parts])
+        indices = np.concatenate([p["indices"] for p in parts])
+        keep = select(scores, labels, indices, cfg.per_class)
+        summary = {"reject_candidates": int(len(images)), "reject_mean_score_all": float(scores.mean()),
+                   "reject_mean_score_kept": float(scores[keep].mean())}
+        images, labels = images[keep], labels[keep]
     with atomic_path(out / "samples.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, arr_0=images, arr_1=labels)
@@ -116,7 +161,9 @@ def merge(out: Path, n_chunks: int, cfg: SampleRunConfig, ar_path, vq_path, png:
         with atomic_path(out / "png", is_dir=True) as tmpdir:
             for i, (im, lab) in enumerate(zip(images, labels)):
                 Image.fromarray(im).save(tmpdir / f"{i:06d}_c{int(lab):04d}.png")
-    atomic_write_json(out / "samples.json", {"num_samples": int(len(images)), "shape": list(images.shape),
+    if grid:
+        save_grid(images, labels, out / "grid.png", grid)
+    atomic_write_json(out / "samples.json", {**summary, "num_samples": int(len(images)), "shape": list(images.shape),
                                              "ar": str(ar_path), "vq": str(vq_path), "config": to_dict(cfg),
                                              "config_hash": config_hash(cfg)})
     log.info("merged %d samples into %s", len(images), out / "samples.npz")
@@ -133,11 +180,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job", type=int, default=0, help="this job's index when sampling is split over jobs")
     p.add_argument("--jobs", type=int, default=1, help="number of separate jobs sharing the run")
     p.add_argument("--png", action="store_true", help="also write one PNG per sample")
+    p.add_argument("--grid", type=int, default=0, metavar="N",
+                   help="also write grid.png: one row per class, N samples each (Figures 9-11)")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(SampleRunConfig, args.config, args.set)
     if not 0 <= args.job < args.jobs:
         raise SystemExit(f"--job {args.job}: allowed values 0..{args.jobs - 1}")
-    sample_run(args.ar, args.vq, args.out, cfg, args.job, args.jobs, args.png)
+    sample_run(args.ar, args.vq, args.out, cfg, args.job, args.jobs, args.png, args.grid)
     return 0

@@ -41,6 +41,8 @@ REGISTRY: dict[str, WeightFile] = {w.name: w for w in (
                "FID / IS / precision-recall (torch-fidelity's InceptionV3, `feature_extractor_weights_path`)"),
     WeightFile("vgg16", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
                "397923af", "the VGG16 trunk of LPIPS-VGG (perceptual loss and LPIPS metric)"),
+    WeightFile("resnet50", "resnet50-11ad3fa6.pth", "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+               "11ad3fa6", "the ImageNet classifier that scores samples for reject sampling (paper scale)"),
 )}
 
 

@@ -154,6 +154,17 @@ def test_domain_fid_zero_against_itself_and_grows_with_noise(refnet_path):
     assert same["reference"] == "reference" and same["feature_layer_fid"] == "pool"
 
 
+def test_inception_score_of_constant_predictions_is_one(refnet_path):
+    # identical images -> identical class posteriors -> p(y|x) = p(y) -> KL 0 -> IS = exp(0) = 1
+    ext = resolve_extractor("domain", domain_net=refnet_path)
+    one = _images(1, seed=3).expand(20, -1, -1, -1).clone()
+    res = compute_fidelity(UInt8ImageDataset(one), UInt8ImageDataset(one), ext, fid=False, isc=True, batch_size=8)
+    assert res["isc_mean"] == pytest.approx(1.0, abs=1e-5)
+    varied = compute_fidelity(UInt8ImageDataset(_images(20, seed=4)), UInt8ImageDataset(one), ext, fid=False,
+                              isc=True, batch_size=8)
+    assert varied["isc_mean"] > 1.0
+
+
 def test_streaming_features_equal_torch_fidelity(refnet_path):
     from iar2.refnet import load_refnet
 

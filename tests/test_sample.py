@@ -63,3 +63,28 @@ def test_eval_resize_and_class_subset(models, tmp_path):
     ar, vq = models
     out = np.load(sample_run(ar, vq, tmp_path / "r", cfg(eval_size=8, classes=[2], per_class=2)))
     assert out["arr_0"].shape == (2, 8, 8, 3) and out["arr_1"].tolist() == [2, 2]
+
+
+def test_reject_sampling_keeps_the_best_scored_candidates_per_class(models, tmp_path):
+    from iar2.refnet import RefNet, RefNetConfig
+    from iar2.reject_sampling import select
+
+    # selection rule: top per_class by score within each class, ties by index
+    scores = np.array([0.1, 0.9, 0.5, 0.5, 0.2, 0.8])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert select(scores, labels, np.arange(6), 2).tolist() == [1, 2, 3, 5]
+    ar, vq = models
+    torch.manual_seed(0)
+    rcfg = RefNetConfig(num_classes=3, input_size=16, widths=(8, 16), blocks=1, norm_groups=4)
+    save_weights(tmp_path / "ref.safetensors", RefNet(rcfg).state_dict(), {"model_config": to_dict(rcfg)})
+    c = cfg(reject={"factor": 3, "classifier": "domain", "domain_net": str(tmp_path / "ref.safetensors")})
+    out = np.load(sample_run(ar, vq, tmp_path / "re", c, grid=3))
+    assert out["arr_0"].shape[0] == 9 and out["arr_1"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    import json
+
+    summary = json.loads((tmp_path / "re" / "samples.json").read_text())
+    assert summary["reject_candidates"] == 27
+    assert summary["reject_mean_score_kept"] >= summary["reject_mean_score_all"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "re" / "grid.png").size == (3 * 18, 3 * 18)
