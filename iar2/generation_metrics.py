@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from iar2.io import atomic_write_json
 
@@ -32,32 +33,90 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def reference_images(root, split: str, size: int, max_images: int | None, report=None) -> torch.Tensor:
+    """The reference images as uint8 (N, 3, size, size) (small sets; large ones stream, see reference_features)."""
+    from iar2.metrics import to_uint8
+
+    ds, pick = _reference_set(root, split, size, max_images, report)
+    return torch.stack([to_uint8(ds[int(i)][0]) for i in pick])
+
+
+def _reference_set(root, split, size, max_images, report):
     from iar2.data.imagefolder import ImageFolderDataset
     from iar2.data.transforms import eval_transform
-    from iar2.metrics import to_uint8
 
     ds = ImageFolderDataset(root, split, eval_transform(size), report=report)
     n = len(ds)
-    pick = np.linspace(0, n - 1, num=min(n, max_images or n)).round().astype(int) if max_images else np.arange(n)
-    return torch.stack([to_uint8(ds[int(i)][0]) for i in np.unique(pick)])
+    pick = np.unique(np.linspace(0, n - 1, num=min(n, max_images)).round().astype(int)) if max_images \
+        else np.arange(n)
+    return ds, pick
+
+
+def _cache_key(ext, root, split, size, max_images, report) -> str:
+    import hashlib
+    import json
+
+    w = Path(ext.weights_path)
+    stamp = [str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns] if w.is_file() else [str(w)]
+    blob = json.dumps([ext.kind, ext.layer_fid, stamp, str(Path(root).resolve()), split, size, max_images,
+                       str(report)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reference_features(ext, root, split, size, max_images=None, report=None, cache_dir=None, device="auto",
+                       batch_size=64) -> torch.Tensor:
+    """Pool features of the reference split, streamed in batches (no image kept) and cached on disk by
+    (extractor + weights, data root, split, size, count), so 50k-image references are computed once."""
+    from iar2.io import atomic_path
+    from iar2.metrics import FeatureCollector, to_uint8
+
+    key = _cache_key(ext, root, split, size, max_images, report)
+    cached = Path(cache_dir) / f"ref-{key}.npz" if cache_dir else None
+    if cached is not None and cached.is_file():
+        log.info("reference features from cache %s", cached)
+        with np.load(cached) as d:
+            return torch.from_numpy(d["features"])
+    ds, pick = _reference_set(root, split, size, max_images, report)
+    col = FeatureCollector(ext, (ext.layer_fid,), device)
+    for b in tqdm(range(0, len(pick), batch_size), desc="reference features", unit="batch"):
+        col.add("ref", torch.stack([to_uint8(ds[int(i)][0]) for i in pick[b:b + batch_size]]))
+    feats = col.features("ref")
+    if cached is not None:
+        with atomic_path(cached) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, features=feats.numpy(), root=str(root), split=split, size=size)
+    return feats
 
 
 def evaluate_samples(samples, data_root, split="train", extractor="domain", domain_net=None, weights_dir=None,
-                     max_reference=50000, ref_npz=None, report=None, device="auto", batch_size=64) -> dict:
-    from iar2.metrics import (UInt8ImageDataset, compute_fidelity, extract_features, feature_statistics,
+                     max_reference=50000, ref_npz=None, report=None, device="auto", batch_size=64,
+                     cache_dir=None) -> dict:
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    from iar2.metrics import (ISC_SPLIT_SIZE, UInt8ImageDataset, extract_features, feature_statistics,
                               frechet_distance, load_reference_stats, resolve_extractor)
 
     ext = resolve_extractor(extractor, weights_dir, domain_net)
     gen, labels = load_samples(samples)
     size = gen.shape[-1]
-    ref = reference_images(data_root, split, size, max_reference, report)
-    res = compute_fidelity(UInt8ImageDataset(gen), UInt8ImageDataset(ref), ext, fid=True, isc=True, prc=True,
-                           batch_size=batch_size, device=device, generated_name=str(samples),
-                           reference_name=f"{data_root}/{split} (centre crop {size} px, {len(ref)} images)")
+    ref = reference_features(ext, data_root, split, size, max_reference, report, cache_dir, device, batch_size)
+    layers = tuple(dict.fromkeys((ext.layer_fid, ext.layer_isc)))
+    g = extract_features(UInt8ImageDataset(gen), ext, layers, batch_size, device)
+    mu_g, sig_g = feature_statistics(g[ext.layer_fid])
+    mu_r, sig_r = feature_statistics(ref)
+    splits = max(1, round(len(gen) / ISC_SPLIT_SIZE))  # ADM: unshuffled splits of ~5000
+    isc = isc_features_to_metric(g[ext.layer_isc], splits=splits, shuffle=False)
+    prc = prc_features_to_metric(g[ext.layer_prc], ref, prc_neighborhood=3, prc_batch_size=10000,
+                                 save_cpu_ram=True, verbose=False)
+    res = {**ext.describe(), "fid": frechet_distance(mu_g, sig_g, mu_r, sig_r),
+           "isc_mean": float(isc[KEY_METRIC_ISC_MEAN]), "isc_std": float(isc[KEY_METRIC_ISC_STD]),
+           "isc_splits": splits, "precision": float(prc[KEY_METRIC_PRECISION]),
+           "recall": float(prc[KEY_METRIC_RECALL]),
+           "prc_neighborhood": 3, "generated": str(samples), "num_generated": int(len(gen)),
+           "reference": f"{data_root}/{split} (centre crop {size} px, {len(ref)} images)",
+           "num_reference": int(len(ref))}
     if ref_npz:  # ADM protocol: FID against the reference batch's statistics
-        feats = extract_features(UInt8ImageDataset(gen), ext, (ext.layer_fid,), batch_size, device)[ext.layer_fid]
-        mu, sigma = feature_statistics(feats)
-        res["fid_ref_npz"] = frechet_distance(mu, sigma, *load_reference_stats(ref_npz))
+        res["fid_ref_npz"] = frechet_distance(mu_g, sig_g, *load_reference_stats(ref_npz))
         res["ref_npz"] = str(ref_npz)
     res["num_classes_sampled"] = int(len(np.unique(labels)))
     res["image_size"] = int(size)
@@ -75,6 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-reference", type=int, default=50000, help="reference images at most (spread evenly)")
     p.add_argument("--ref-npz", help="ADM reference batch (.npz with mu, sigma) for the protocol FID")
     p.add_argument("--report", help="`iar2 data check` report: its bad images are excluded")
+    p.add_argument("--cache-dir", help="folder caching reference features (computed once per reference set)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="metrics JSON")
@@ -82,7 +142,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     res = evaluate_samples(args.samples, args.data, args.split, args.extractor, args.domain_net, args.weights_dir,
-                           args.max_reference, args.ref_npz, args.report, args.device, args.batch_size)
+                           args.max_reference, args.ref_npz, args.report, args.device, args.batch_size,
+                           args.cache_dir)
     atomic_write_json(args.out, res)
     log.info("FID %.3f  IS %.2f  precision %.3f  recall %.3f (%s extractor) -> %s", res["fid"], res["isc_mean"],
              res["precision"], res["recall"], res["extractor"], args.out)

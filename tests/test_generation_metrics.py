@@ -45,3 +45,26 @@ def test_missing_inception_weights_name_the_file(tiny_data, tmp_path, monkeypatc
     write_samples(tmp_path / "s.npz", np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, int))
     rc = main(["metrics", "--samples", str(tmp_path / "s.npz"), "--data", str(tiny_data), "--out", str(tmp_path / "m.json")])
     assert rc == 3 and not (tmp_path / "m.json").exists()
+
+
+def test_streamed_cached_reference_matches_torch_fidelity_in_memory(tiny_data, refnet, tmp_path):
+    import torch
+
+    from iar2.generation_metrics import evaluate_samples
+    from iar2.metrics import UInt8ImageDataset, compute_fidelity, resolve_extractor
+
+    ref = reference_images(tiny_data, "train", 32, None)
+    rng = np.random.default_rng(1)
+    gen = np.clip(ref.permute(0, 2, 3, 1).numpy().astype(int) + rng.normal(0, 30, (len(ref), 32, 32, 3)), 0,
+                  255).astype(np.uint8)
+    write_samples(tmp_path / "g.npz", gen, np.arange(len(gen)) % 10)
+    cache = tmp_path / "cache"
+    a = evaluate_samples(tmp_path / "g.npz", tiny_data, extractor="domain", domain_net=refnet, cache_dir=cache)
+    assert len(list(cache.glob("ref-*.npz"))) == 1
+    b = evaluate_samples(tmp_path / "g.npz", tiny_data, extractor="domain", domain_net=refnet, cache_dir=cache)
+    assert a == b  # the cached reference gives the same numbers
+    ext = resolve_extractor("domain", domain_net=refnet)
+    direct = compute_fidelity(UInt8ImageDataset(torch.from_numpy(gen).permute(0, 3, 1, 2).contiguous()),
+                              UInt8ImageDataset(ref), ext, isc=True, prc=True)
+    for k in ("fid", "isc_mean", "precision", "recall"):
+        assert a[k] == pytest.approx(direct[k], rel=1e-4, abs=1e-6), k
