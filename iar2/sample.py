@@ -119,9 +119,13 @@ def sample_run(ar_path, vq_path, out, cfg: SampleRunConfig, job: int = 0, jobs: 
     bar.close()
     if todo:
         log.info("sampled %d images in %.1f s", bar.n, time.perf_counter() - t0)
-    if all((out / "chunks" / f"chunk_{k:05d}.npz").is_file() for k in range(n_chunks)):
+    from iar2.distributed import barrier
+
+    barrier(info)  # every rank's chunks are on disk before anyone looks
+    done = all((out / "chunks" / f"chunk_{k:05d}.npz").is_file() for k in range(n_chunks))
+    if done and info.is_main:
         return merge(out, n_chunks, cfg, ar_path, vq_path, png, grid)
-    return None
+    return out / "samples.npz" if done else None
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, ncols: int) -> None:

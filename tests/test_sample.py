@@ -88,3 +88,32 @@ def test_reject_sampling_keeps_the_best_scored_candidates_per_class(models, tmp_
     from PIL import Image
 
     assert Image.open(tmp_path / "re" / "grid.png").size == (3 * 18, 3 * 18)
+
+
+def _rank_worker(rank, port, ar, vq, out):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        sample_run(ar, vq, out, cfg())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_torchrun_ranks_equal_one_process(models, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ar, vq = models
+    one = np.load(sample_run(ar, vq, tmp_path / "one", cfg()))["arr_0"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(port, str(ar), str(vq), str(tmp_path / "ranks")), nprocs=2, join=True)
+    assert np.array_equal(one, np.load(tmp_path / "ranks" / "samples.npz")["arr_0"])
