@@ -398,12 +398,16 @@ def rearranged_state_dict(model, level: str, mapping: torch.Tensor) -> dict[str,
 
 
 def write_rearranged_vq(model, out_path: str | Path, level: str, mapping: torch.Tensor,
-                        extra_meta: dict | None = None) -> None:
-    """Write a copy of `model` whose `level` codebook is stored in the new order (loads with `load_vq`)."""
+                        extra_meta: dict | None = None, source_meta: dict | None = None) -> None:
+    """Write a copy of `model` whose `level` codebook is stored in the new order (loads with `load_vq`).
+
+    `source_meta` (the source's JSON: training config, image size, ...) is carried over, so downstream
+    steps (tokenize, eval) read the same settings from the rearranged tokenizer."""
     from iar2.checkpoint import save_weights
     from iar2.config import to_dict
 
-    meta = {"model_config": to_dict(model.cfg), "rearranged": {"level": level, **(extra_meta or {})}}
+    meta = {**(source_meta or {}), "model_config": to_dict(model.cfg),
+            "rearranged": {"level": level, **(extra_meta or {})}}
     save_weights(out_path, rearranged_state_dict(model, level, mapping), meta)
 
 
@@ -456,8 +460,11 @@ def run(args) -> int:
     summary.update(level=level, vq=str(args.vq), codebook_size=n_codes)
     save_mapping(out / "mapping.safetensors", mapping, summary)
     save_mapping_iar(out / "mapping.pt", mapping)
+    from iar2.tokenize import vq_meta
+
     write_rearranged_vq(model, out / "vq.safetensors", level, mapping,
-                        {"source": str(args.vq), "n_clusters": summary["n_clusters"], "seed": args.seed})
+                        {"source": str(args.vq), "n_clusters": summary["n_clusters"], "seed": args.seed},
+                        source_meta=vq_meta(args.vq))
     atomic_write_json(out / "summary.json", summary)
     log.info("inertia %.4f (index order %.4f, random balanced %s); wrote %s", summary["inertia"],
              summary["inertia_before"], summary.get("inertia_random", "n/a"), out)

@@ -39,5 +39,10 @@ def test_ci_scale_runs_end_to_end_and_a_rerun_does_nothing(tmp_path):
     assert json.loads((res / "tokens" / "dual-8-32" / "train" / "meta.json").read_text())["levels"] == ["semantic", "detail"]
     assert (res / "tokenizers" / "single-64-rearranged" / "mapping.pt").is_file()
     assert json.loads((res / "analysis" / "code_distance" / "single-64.json").read_text())["results"]
+    for name, guidance in (("llamagen", "static"), ("iar", "static"), ("iar2", "static"), ("iar2", "pag")):
+        m = json.loads((res / "ar" / name / "samples" / guidance / "metrics.json").read_text())
+        assert m["extractor"] == "domain" and m["num_generated"] == 40 and m["fid"] > 0
+    assert (res / "ar" / "iar2" / "samples" / "pag" / "grid.png").is_file()
+    assert (res / "mlflow.db").is_file()  # every AR training job logged a run
     again = smk("-n", "reproduce_all", "--config", "scale=ci", cwd=tmp_path)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

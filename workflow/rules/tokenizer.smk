@@ -1,7 +1,12 @@
 # Stage: VQ tokenizers (single, semantic-detail dual in two stages, unassociated dual) and their evaluation.
+import re
+
+TRAINED = "|".join(re.escape(n) for n in VARIANTS)  # rearranged tokenizers come from rule rearrange
 
 
 rule tokenizer_config:
+    wildcard_constraints:
+        name=TRAINED,
     """Write one variant's resolved run config; it changes (and reruns training) only when the config does."""
     output:
         f"{R}/configs/tokenizer/{{name}}-{{stage}}.yaml",
@@ -28,6 +33,8 @@ def _train_inputs(w):
 
 
 rule vq_train:
+    wildcard_constraints:
+        name=TRAINED,
     """Train one tokenizer stage; a killed or preempted job resumes from its latest checkpoint."""
     input:
         unpack(_train_inputs),
@@ -42,6 +49,8 @@ rule vq_train:
 
 
 rule vq_train_stage1:
+    wildcard_constraints:
+        name=TRAINED,
     """Stage 1 of the semantic-detail tokenizer: encoder, decoder and semantic codebook (Eq. 7-8)."""
     input:
         config=f"{R}/configs/tokenizer/{{name}}-stage1.yaml",
@@ -61,6 +70,8 @@ ruleorder: vq_train_stage1 > vq_train
 
 
 rule recon_eval:
+    wildcard_constraints:
+        name=TRAINED,
     """Reconstruction metrics on the val split: rFID, PSNR, SSIM, LPIPS, codebook usage (Tables 1, 7, 13)."""
     input:
         vq=f"{R}/tokenizers/{{name}}/vq.safetensors",
