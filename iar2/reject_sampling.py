@@ -31,8 +31,8 @@ class Scorer:
             from iar2.weights import find_weight
 
             self.net = torchvision.models.resnet50()
-            self.net.load_state_dict(torch.load(find_weight("resnet50", weights_dir), map_location="cpu",
-                                                weights_only=True))
+            path = find_weight("resnet50", weights_dir)
+            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             self.net = self.net.to(self.device).eval()
         else:
             raise ValueError(f"reject.classifier: {kind!r}; allowed values: 'domain', 'resnet50'")
