@@ -225,3 +225,20 @@ class StepSampler:
         if self.end_step is None:
             raise TypeError("an endless StepSampler has no length")
         return (self.end_step - self.start_step) * self.accum
+
+
+class StepSeededDataset(torch.utils.data.Dataset):
+    """Takes (index, epoch) keys from StepSampler and hands the epoch to the base dataset's
+    per-sample augmentation generator (seeded by (seed, epoch, index)), so augmentation does not
+    depend on workers, ranks or where a run was resumed."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        self.base.set_epoch(epoch)  # one process reads one sample at a time: safe
+        return self.base[index]

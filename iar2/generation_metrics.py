@@ -141,10 +141,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from iar2 import tracking
+
+    with tracking.start_run(f"metrics {args.samples}", params=vars(args) | {"_module": None, "_words": None},
+                            tags={"job": "gen_metrics"}) as mlrun:
+        res = _run(args)
+        mlrun.log_metrics(0, {k: v for k, v in res.items() if k in ("fid", "isc_mean", "precision", "recall",
+                                                                   "fid_ref_npz")})
+        mlrun.log_artifact(args.out)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> dict:
     res = evaluate_samples(args.samples, args.data, args.split, args.extractor, args.domain_net, args.weights_dir,
                            args.max_reference, args.ref_npz, args.report, args.device, args.batch_size,
                            args.cache_dir)
     atomic_write_json(args.out, res)
     log.info("FID %.3f  IS %.2f  precision %.3f  recall %.3f (%s extractor) -> %s", res["fid"], res["isc_mean"],
              res["precision"], res["recall"], res["extractor"], args.out)
-    return 0
+    return res

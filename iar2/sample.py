@@ -192,5 +192,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(SampleRunConfig, args.config, args.set)
     if not 0 <= args.job < args.jobs:
         raise SystemExit(f"--job {args.job}: allowed values 0..{args.jobs - 1}")
-    sample_run(args.ar, args.vq, args.out, cfg, args.job, args.jobs, args.png, args.grid)
+    import os
+
+    from iar2 import tracking
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    with tracking.start_run(f"sample {args.out}", params={"ar": args.ar, "vq": args.vq, **to_dict(cfg)},
+                            tags={"job": "sample"}, is_main=main) as mlrun:
+        path = sample_run(args.ar, args.vq, args.out, cfg, args.job, args.jobs, args.png, args.grid)
+        if path is not None:
+            mlrun.log_artifact(Path(args.out) / "samples.json")
+            mlrun.log_artifact(Path(args.out) / "grid.png")
     return 0

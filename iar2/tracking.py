@@ -12,12 +12,15 @@ experiment is created race-free (a concurrent creator's experiment is reused).
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import random
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from iar2.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +150,55 @@ def start_run(name: str, params: dict | None = None, tags: dict | None = None,
         status = "FINISHED"
     finally:
         _retry(client.set_terminated, run.info.run_id, status)
+
+
+# ----------------------------------------------------------------------------- per-step CSV
+
+class MetricsLogger:
+    """`log(step, metrics)`: one row per call in a CSV (appended as training goes; the header grows
+    when new metrics appear) and one line in the log. Subclass or wrap it to send rows elsewhere
+    (e.g. MLflow). On resumption, rows past the resumed step (written after the last checkpoint of
+    the interrupted run) are dropped, so the file reads as one uninterrupted run.
+    sinks: more destinations, each with `log_metrics(step, metrics)` (e.g. iar2.tracking's runs)."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, sinks: list | None = None):
+        self.path = Path(path)
+        self.sinks = list(sinks or [])
+        self.fields: list[str] = ["step"]
+        self.rows: list[dict] = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                self.fields = list(reader.fieldnames or ["step"])
+                for row in reader:
+                    try:
+                        if int(row["step"]) <= resume_step:
+                            self.rows.append(row)
+                    except (TypeError, ValueError):  # a partial last line of a killed run
+                        continue
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=self.fields)
+                w.writeheader()
+                w.writerows(self.rows)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: _fmt(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        new = [k for k in row if k not in self.fields]
+        if new:
+            self.fields += new
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=self.fields).writerow(row)
+        for sink in self.sinks:
+            sink.log_metrics(step, metrics)
+        log.info("step %d: %s", step, " ".join(f"{k}={row[k]}" for k in metrics))
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)

@@ -43,6 +43,16 @@ def test_ci_scale_runs_end_to_end_and_a_rerun_does_nothing(tmp_path):
         m = json.loads((res / "ar" / name / "samples" / guidance / "metrics.json").read_text())
         assert m["extractor"] == "domain" and m["num_generated"] == 40 and m["fid"] > 0
     assert (res / "ar" / "iar2" / "samples" / "pag" / "grid.png").is_file()
-    assert (res / "mlflow.db").is_file()  # every AR training job logged a run
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{res / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("iar2-ci").experiment_id], max_results=1000)
+    jobs = [r.data.tags.get("job") for r in runs]
+    # one run per training, sampling and metrics job, all finished
+    assert jobs.count("vq_train") == 4 and jobs.count("ar_train") == 3
+    assert jobs.count("sample") == 4 and jobs.count("gen_metrics") == 4
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags.get("run_id") for r in runs if r.data.tags.get("job") == "ar_train"} == \
+        {"ar/llamagen", "ar/iar", "ar/iar2"}
     again = smk("-n", "reproduce_all", "--config", "scale=ci", cwd=tmp_path)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

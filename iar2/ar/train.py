@@ -237,7 +237,8 @@ def train(cfg: ARRunConfig, run_dir: str | Path, resume: str | None = None, stop
 
 def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str | None, stop_after: int | None) -> Path:
     from iar2.tokenize import TokenDataset
-    from iar2.tokenizer.train import MetricsLogger, StepSeededDataset
+    from iar2.distributed import StepSeededDataset
+    from iar2.tracking import MetricsLogger
 
     tc = cfg.train
     data = TokenDataset(tc.tokens, seed=tc.seed)
@@ -258,7 +259,7 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    logger = MetricsLogger(run_dir / "metrics.csv", resume_step=start if ckpt is not None else None) \
+    logger = MetricsLogger(run_dir / "metrics.csv", resume_step=start if ckpt is not None else None, sinks=[mlrun]) \
         if info.is_main else None
 
     sampler = StepSampler(n, tc.batch_size, tc.seed, info.rank, info.world_size, tc.grad_accum,
@@ -304,7 +305,6 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
                     metrics["mfu"] = flops / dt / flops_peak
                 if logger:
                     logger.log(step, metrics)
-                mlrun.log_metrics(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 t_last, tok_count = time.perf_counter(), 0
             for e in sorted(tc.ckpt_epochs):

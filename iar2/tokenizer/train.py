@@ -27,7 +27,6 @@ Outputs in RUN_DIR: config.yaml, metrics.csv, checkpoints/, and at the end vq.sa
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import time
@@ -43,9 +42,10 @@ from tqdm import tqdm
 from iar2.checkpoint import (latest_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint,
                              save_weights, set_rng_state)
 from iar2.config import ConfigError, config_hash, from_dict, load_config, to_dict
-from iar2.distributed import (DistInfo, StepSampler, all_reduce_, average_gradients, barrier, cleanup,
+from iar2.distributed import (DistInfo, StepSampler, StepSeededDataset, all_reduce_, average_gradients, barrier, cleanup,
                               init_distributed, no_sync, resolve_device, wrap_ddp)
 from iar2.io import atomic_path, atomic_write_text
+from iar2.tracking import MetricsLogger
 from iar2.tokenizer.config import TokenizerRunConfig
 from iar2.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 
@@ -105,23 +105,6 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- data
 
-class StepSeededDataset(torch.utils.data.Dataset):
-    """Takes (index, epoch) keys from StepSampler and hands the epoch to the base dataset's
-    per-sample augmentation generator (seeded by (seed, epoch, index)), so augmentation does not
-    depend on workers, ranks or where a run was resumed."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        index, epoch = key
-        self.base.set_epoch(epoch)  # one process reads one sample at a time: safe
-        return self.base[index]
-
-
 def build_train_dataset(cfg: TokenizerRunConfig):
     from iar2.data.imagefolder import ImageFolderDataset
     from iar2.data.transforms import train_transform
@@ -141,56 +124,6 @@ def build_loader(dataset, cfg: TokenizerRunConfig, info: DistInfo, start_step: i
 
 
 # ----------------------------------------------------------------------------- metrics
-
-class MetricsLogger:
-    """`log(step, metrics)`: one row per call in a CSV (appended as training goes; the header grows
-    when new metrics appear) and one line in the log. Subclass or wrap it to send rows elsewhere
-    (e.g. MLflow). On resumption, rows past the resumed step (written after the last checkpoint of
-    the interrupted run) are dropped, so the file reads as one uninterrupted run.
-    sinks: more destinations, each with `log_metrics(step, metrics)` (e.g. iar2.tracking's runs)."""
-
-    def __init__(self, path: str | Path, resume_step: int | None = None, sinks: list | None = None):
-        self.path = Path(path)
-        self.sinks = list(sinks or [])
-        self.fields: list[str] = ["step"]
-        self.rows: list[dict] = []
-        if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as fh:
-                reader = csv.DictReader(fh)
-                self.fields = list(reader.fieldnames or ["step"])
-                for row in reader:
-                    try:
-                        if int(row["step"]) <= resume_step:
-                            self.rows.append(row)
-                    except (TypeError, ValueError):  # a partial last line of a killed run
-                        continue
-        self._rewrite()
-
-    def _rewrite(self) -> None:
-        with atomic_path(self.path) as tmp:
-            with open(tmp, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=self.fields)
-                w.writeheader()
-                w.writerows(self.rows)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **{k: _fmt(v) for k, v in metrics.items()}}
-        self.rows.append(row)
-        new = [k for k in row if k not in self.fields]
-        if new:
-            self.fields += new
-            self._rewrite()
-        else:
-            with open(self.path, "a", newline="") as fh:
-                csv.DictWriter(fh, fieldnames=self.fields).writerow(row)
-        for sink in self.sinks:
-            sink.log_metrics(step, metrics)
-        log.info("step %d: %s", step, " ".join(f"{k}={row[k]}" for k in metrics))
-
-
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
 
 class CodebookStats:
     """Code histograms over a logging window: usage (fraction of codes used) and perplexity."""
@@ -469,6 +402,19 @@ def export_weights(trainer: VQTrainer, run_dir: Path, step: int) -> Path:
 
 def train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = None, stop_after: int | None = None,
           info: DistInfo | None = None, perceptual: nn.Module | None = None) -> dict:
+    """`_train` inside one MLflow run (when MLFLOW_TRACKING_URI is set; see iar2/tracking.py)."""
+    from iar2 import tracking
+
+    info = info or init_distributed(cfg.train.device)
+    with tracking.start_run(cfg.name, params=to_dict(cfg), tags={"job": "vq_train", "stage": cfg.train.stage},
+                            is_main=info.is_main) as mlrun:
+        out = _train(cfg, run_dir, resume, stop_after, info, perceptual, sinks=[mlrun])
+        mlrun.log_artifact(Path(run_dir) / "metrics.csv")
+    return out
+
+
+def _train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = None, stop_after: int | None = None,
+           info: DistInfo | None = None, perceptual: nn.Module | None = None, sinks: list | None = None) -> dict:
     """Train (or resume) a tokenizer run in `run_dir`; returns {"step", "checkpoint", "weights"}.
 
     resume: None (start; refuses a folder that already has checkpoints), 'auto' (continue from the latest
@@ -508,7 +454,7 @@ def train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = Non
 
     if info.is_main:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    logger = MetricsLogger(run_dir / "metrics.csv", resume_step=start if ckpt is not None else None) \
+    logger = MetricsLogger(run_dir / "metrics.csv", resume_step=start if ckpt is not None else None, sinks=sinks) \
         if info.is_main else None
 
     dataset = build_train_dataset(cfg)
