@@ -143,7 +143,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from iar2 import tracking
 
-    with tracking.start_run(f"metrics {args.samples}", params=vars(args) | {"_module": None, "_words": None},
+    with tracking.start_run(f"metrics {args.samples}", params={k: v for k, v in vars(args).items() if not k.startswith("_")},
                             tags={"job": "gen_metrics"}) as mlrun:
         res = _run(args)
         mlrun.log_metrics(0, {k: v for k, v in res.items() if k in ("fid", "isc_mean", "precision", "recall",

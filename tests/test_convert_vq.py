@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from helpers import TINY_VQ, random_images, tiny_vq
 from iar2.cli import main
 from iar2.tokenizer.config import VQModelConfig
-from iar2.tokenizer.convert import export_original, import_checkpoint, to_original
+from iar2.tokenizer.convert import import_checkpoint, to_original
 from iar2.tokenizer.vq_model import VQModel, count_parameters, load_vq
 
 G = TINY_VQ["norm_groups"]

@@ -1,6 +1,5 @@
 """The Snakemake DAG: configs validated before any job, the ci scale end to end, no-op reruns."""
 import json
-import shutil
 import subprocess
 from pathlib import Path
 

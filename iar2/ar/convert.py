@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from pathlib import Path
 
 import torch
 

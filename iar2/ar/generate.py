@@ -13,7 +13,6 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
 from iar2.ar.model import ARModel
 from iar2.ar.pag_cfg import GuidanceConfig, apply_cfg, guidance_scale

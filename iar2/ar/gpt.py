@@ -234,7 +234,6 @@ class Backbone(nn.Module):
 
     def step(self, h_in: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Feed embeddings h_in (B, S, D) at sequence positions `pos` (S,) using the KV caches."""
-        S = h_in.shape[1]
         L = self.cfg.seq_len
         mask = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None])  # (S, L): attend to keys <= pos
         rope = self.rope[pos]

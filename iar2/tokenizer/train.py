@@ -44,7 +44,7 @@ from iar2.checkpoint import (latest_checkpoint, load_checkpoint, load_weights, r
 from iar2.config import ConfigError, config_hash, from_dict, load_config, to_dict
 from iar2.distributed import (DistInfo, StepSampler, StepSeededDataset, all_reduce_, average_gradients, barrier, cleanup,
                               init_distributed, no_sync, resolve_device, wrap_ddp)
-from iar2.io import atomic_path, atomic_write_text
+from iar2.io import atomic_write_text
 from iar2.tracking import MetricsLogger
 from iar2.tokenizer.config import TokenizerRunConfig
 from iar2.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
