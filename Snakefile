@@ -1,31 +1,48 @@
-# iar2-repro: the reproduction DAG.
+# iar2-repro: the reproduction DAG over the experiment registry (params/experiments.yaml).
 #   snakemake --cores all reproduce_all                       embedded default (params/default.yaml)
+#   snakemake --cores all table9                              one table (table1 .. table13, fig3, fig4, fig7, fig8)
 #   snakemake --cores all reproduce_all --config scale=ci     another scale (params/<scale>.yaml)
-#   snakemake --cores all reproduce_all --configfile params/ci.yaml
-# Stages mirror the rule files: data -> refnet -> tokenizer -> tokens/analysis -> ar (train, sample, metrics).
+#   snakemake --profile slurm reproduce_all                   the paper scale on a SLURM cluster (slurm/config.yaml)
+# Stages mirror the rule files: data -> tokenizer -> analysis (tokens, rearrangement, Fig. 3/8) -> ar (train,
+# sample, metrics) -> report.
+
+report: "workflow/report/workflow.rst"
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/ar.smk"
+include: "workflow/rules/report.smk"
 
 
 rule reproduce_all:
-    """Everything the current scale defines (today: tokenizers, analyses, AR models, samples and metrics)."""
+    """Every table and figure of the paper at the current scale, the summary and the report."""
     input:
-        TOKENIZER_TARGETS,
-        ANALYSIS_TARGETS,
-        GENERATION_TARGETS,
-
-
-rule tokenizers:
-    """Every tokenizer variant trained and evaluated (Table 1, 7, 13; Figure 4 left)."""
-    input:
-        TOKENIZER_TARGETS,
+        ALL_TARGETS,
+        f"{R}/summary.json",
+        f"reports/{SCALE}",
 
 
 rule samples:
-    """Every model's samples and generation metrics."""
+    """Every sample set of the registry with its metrics (and the Figures 9-11 class grids)."""
     input:
-        GENERATION_TARGETS,
+        SAMPLE_TARGETS,
+
+
+for _t in TABLES + FIGURES:
+
+    rule:
+        name:
+            _t
+        input:
+            table_targets(_t) if _t in PLAN.tables else figure_targets(_t),
+        localrule: True
+
+
+rule fig7:
+    """Figure 7a-c: CFG sweep, scaling in parameters, scaling in epochs."""
+    input:
+        [p for f in ("fig7a", "fig7b", "fig7c") if f in PLAN.figures for p in figure_targets(f)],
+    localrule: True

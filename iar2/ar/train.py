@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import time
@@ -58,6 +59,9 @@ class ARTrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     ckpt_epochs: list[int] = field(default_factory=list)  # named checkpoints after these epochs
+    # Optimizer steps per (nominal) epoch; default: dataset size / batch. The small scales set it to train a few
+    # steps per paper-epoch, and equal-time runs (Tables 5, 6) set it so "100 epochs" lasts as long as the reference.
+    epoch_steps: float | None = field(default=None, metadata={"min": 0.0})
     ckpt_every: int = field(default=1000, metadata={"min": 1})  # rolling checkpoint (resume)
     keep_last: int = field(default=2, metadata={"min": 1})
     log_every: int = field(default=50, metadata={"min": 1})
@@ -200,12 +204,21 @@ class ARTrainer:
         return sums
 
 
+def steps_per_epoch(tc: ARTrainConfig, n: int) -> float:
+    return tc.epoch_steps if tc.epoch_steps else n / tc.batch_size
+
+
 def budget_steps(tc: ARTrainConfig, n: int) -> int:
     if tc.steps is not None:
         return tc.steps
     if tc.epochs:
-        return max(1, math.ceil(tc.epochs * n / tc.batch_size))
+        return max(1, math.ceil(round(tc.epochs * steps_per_epoch(tc, n), 6)))
     return 10 ** 12  # wall-clock budget only
+
+
+def _epoch_step(epoch: float, spe: float) -> int:
+    """The optimizer step after which `epoch` epochs are done (the same rounding as the budget)."""
+    return max(1, math.ceil(round(epoch * spe, 6)))
 
 
 def _collate(items):
@@ -268,12 +281,12 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
                                          num_workers=tc.num_workers, pin_memory=info.device.type == "cuda")
     tokens_per_sample = (cfg.model.grid ** 2) * (1 if cfg.model.paradigm == "single" else 2)
     flops_peak = peak_flops(info.device)
-    steps_per_epoch = n / tc.batch_size
-    epochs_done = {e for e in tc.ckpt_epochs if e * steps_per_epoch <= start}
+    spe = steps_per_epoch(tc, n)
+    epochs_done = {e for e in tc.ckpt_epochs if _epoch_step(e, spe) <= start}
 
     def checkpoint(step, name=None):
         sd, opt = trainer.state_for_checkpoint()
-        meta = {"config": to_dict(cfg), "elapsed_s": elapsed, "epoch": step / steps_per_epoch}
+        meta = {"config": to_dict(cfg), "elapsed_s": elapsed, "epoch": step / spe}
         if info.is_main:
             save_checkpoint(run_dir, step, {"model": sd}, {"opt": opt} if opt is not None else None, meta,
                             name=name, keep_last=tc.keep_last)
@@ -299,7 +312,7 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
             if step % tc.log_every == 0 or step == total:
                 dt = time.perf_counter() - t_last
                 metrics["tokens_per_s"] = tok_count / dt
-                metrics["epoch"] = step / steps_per_epoch
+                metrics["epoch"] = step / spe
                 if flops_peak:
                     flops = 6 * trainer.n_params * tok_count / info.world_size
                     metrics["mfu"] = flops / dt / flops_peak
@@ -308,10 +321,10 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 t_last, tok_count = time.perf_counter(), 0
             for e in sorted(tc.ckpt_epochs):
-                if e not in epochs_done and step >= e * steps_per_epoch:
+                if e not in epochs_done and step >= _epoch_step(e, spe):
                     epochs_done.add(e)
                     checkpoint(step, name=f"epoch_{e:03d}")
-                    export(trainer, run_dir / f"model_e{e:03d}.safetensors", step, step / steps_per_epoch)
+                    export(trainer, run_dir / f"model_e{e:03d}.safetensors", step, step / spe)
             if step % tc.ckpt_every == 0 and step < total:
                 checkpoint(step)
             if stop_after is not None and step - start >= stop_after and step < total:
@@ -322,7 +335,7 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
         bar.close()
     checkpoint(step)
     final = run_dir / "model.safetensors"
-    export(trainer, final, step, step / steps_per_epoch, {"elapsed_s": elapsed})
+    export(trainer, final, step, step / spe, {"elapsed_s": elapsed})
     return final
 
 
@@ -343,6 +356,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="AR run config (YAML, ARRunConfig: model + train)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. train.steps=100 model.paradigm=alternating")
+    p.add_argument("--budget", default=None, metavar="JSON",
+                   help="equal-time budget from `iar2 ar time-match` (sets train.epoch_steps)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.csv, model.safetensors)")
     p.add_argument("--resume", default=None, metavar="auto|CKPT",
                    help="'auto': continue from the run's latest checkpoint (or start); or a checkpoint folder")
@@ -351,7 +366,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(ARRunConfig, args.config, args.set)
+    overrides = list(args.set)
+    if args.budget:
+        overrides.append(f"train.epoch_steps={json.loads(Path(args.budget).read_text())['epoch_steps']!r}")
+    cfg = load_config(ARRunConfig, args.config, overrides)
     path = train(cfg, args.out, resume=args.resume, stop_after=args.stop_after)
     log.info("done: %s", path)
     return 0

@@ -1,79 +1,113 @@
-# Stage: AR models on the tokens, samples per guidance config, generation metrics.
+# Stage: AR models on the tokens (one run per registry run id), samples per (checkpoint, guidance), metrics.
+
+TIMED = [rid for rid, r in PLAN.runs.items() if r.time_match]
 
 
-rule ar_config:
-    """Write one AR variant's resolved run config; it changes (and reruns training) only when the config does."""
+rule time_match:
+    """Seconds per step of an equal-time run and of its reference, measured on the same node: the run then gets
+    the steps the reference's epochs take in the same time."""
+    wildcard_constraints:
+        run=_alternation(TIMED),
+    input:
+        tokens=lambda w: f"{R}/tokens/{PLAN.runs[w.run].tokenizer}/g{PLAN.runs[w.run].grid}/meta.json",
+        ref_tokens=lambda w: (f"{R}/tokens/{PLAN.runs[PLAN.runs[w.run].time_match].tokenizer}/"
+                              f"g{PLAN.runs[PLAN.runs[w.run].time_match].grid}/meta.json"),
     output:
-        f"{R}/configs/ar/{{name}}.yaml",
+        f"{R}/ar/{{run}}/time_match.json",
     params:
-        cfg=lambda w: json.dumps(ar_config(w.name), sort_keys=True),
-    localrule: True
-    run:
-        from iar2.io import atomic_write_text
-
-        atomic_write_text(output[0], yaml.safe_dump(json.loads(params.cfg), sort_keys=False))
+        cfg=lambda w: cfg_json(PLAN.ar_config(w.run)),
+        cfgfile=lambda w: f"{R}/configs/time_match/{w.run}.yaml",
+        ref=lambda w: cfg_json(PLAN.ar_config(PLAN.runs[w.run].time_match)),
+        reffile=lambda w: f"{R}/configs/time_match/{w.run}.reference.yaml",
+    resources:
+        **res("time_match"),
+    log:
+        f"{R}/logs/time_match/{{run}}.log",
+    shell:
+        WRITE_CFG + "printf '%s\\n' {params.ref:q} > {params.reffile} && "
+        "iar2 ar time-match --config {params.cfgfile} --reference {params.reffile} --out {output} > {log} 2>&1"
 
 
 rule ar_train:
-    """Train one AR variant (LlamaGen, IAR, IAR2, ...); resumes from its latest checkpoint when retried."""
+    """Train one AR run; exports the weights after each epoch the registry samples (model_eNNN.safetensors) and
+    at the end (model.safetensors). A preempted or retried job resumes from its latest checkpoint."""
     input:
-        config=f"{R}/configs/ar/{{name}}.yaml",
-        tokens=lambda w: f"{R}/tokens/{ar_tokenizer(w.name)}/train/meta.json",
+        tokens=lambda w: f"{R}/tokens/{PLAN.runs[w.run].tokenizer}/g{PLAN.runs[w.run].grid}/meta.json",
+        budget=lambda w: [f"{R}/ar/{w.run}/time_match.json"] if PLAN.runs[w.run].time_match else [],
     output:
-        f"{R}/ar/{{name}}/model.safetensors",
+        f"{R}/ar/{{run}}/model.safetensors",
     params:
-        out=lambda w: f"{R}/ar/{w.name}",
+        out=lambda w: f"{R}/ar/{w.run}",
+        cfg=lambda w: cfg_json(PLAN.ar_config(w.run)),
+        cfgfile=lambda w: f"{R}/configs/ar/{w.run}.yaml",
+        budget=lambda w: f"--budget {R}/ar/{w.run}/time_match.json" if PLAN.runs[w.run].time_match else "",
+        launch=lambda w: launch("ar_train", w.run),
+        env=lambda w: tag("ar_train", f"ar/{w.run}", PLAN.tables_of_run(w.run)),
+    resources:
+        **res("ar_train"),
     log:
-        f"{R}/logs/ar_train/{{name}}.log",
+        f"{R}/logs/ar_train/{{run}}.log",
     shell:
-        "IAR2_RULE=ar_train IAR2_RUN_ID=ar/{wildcards.name} "
-        "iar2 ar train --config {input.config} --out {params.out} --resume auto > {log} 2>&1"
+        WRITE_CFG + "{params.env} {params.launch}iar2 ar train --config {params.cfgfile} {params.budget} "
+        "--out {params.out} --resume auto > {log} 2>&1"
 
 
-rule sample_config:
-    output:
-        f"{R}/configs/sampling/{{guidance}}.yaml",
-    params:
-        cfg=lambda w: json.dumps(sample_config(w.guidance), sort_keys=True),
-    localrule: True
-    run:
-        from iar2.io import atomic_write_text
-
-        atomic_write_text(output[0], yaml.safe_dump(json.loads(params.cfg), sort_keys=False))
+def _sample_inputs(w):
+    r = PLAN.runs[w.run]
+    inp = {"ar": f"{R}/ar/{w.run}/model.safetensors",
+           "vq": f"{R}/tokenizers/{r.tokenizer}/vq.safetensors"}
+    if w.guidance.endswith("-reject"):
+        inp["refnet"] = f"{R}/refnet/refnet.safetensors"
+    return inp
 
 
 rule sample:
-    """Class-conditional samples of one model under one guidance config (ADM .npz + a class grid)."""
+    """Class-conditional samples of one checkpoint under one guidance config (ADM .npz + a class grid)."""
     input:
-        ar=f"{R}/ar/{{name}}/model.safetensors",
-        vq=lambda w: f"{R}/tokenizers/{ar_tokenizer(w.name)}/vq.safetensors",
-        config=f"{R}/configs/sampling/{{guidance}}.yaml",
+        unpack(_sample_inputs),
     output:
-        f"{R}/ar/{{name}}/samples/{{guidance}}/samples.npz",
+        f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/samples.npz",
+        report(f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/grid.png", caption="../report/samples.rst",
+               category="Samples", subcategory="{run}", labels={"run": "{run}", "epoch": "{epoch}",
+                                                              "guidance": "{guidance}"}),
     params:
-        out=lambda w: f"{R}/ar/{w.name}/samples/{w.guidance}",
+        weights=lambda w: f"{R}/ar/{w.run}/model_e{int(w.epoch):03d}.safetensors",
+        cfg=lambda w: cfg_json(PLAN.sample_config(w.guidance)),
+        cfgfile=lambda w: f"{R}/configs/sampling/{w.guidance}.yaml",
+        out=lambda w: f"{R}/ar/{w.run}/e{w.epoch}/{w.guidance}",
+        env=lambda w: tag("sample", f"ar/{w.run}/e{w.epoch}/{w.guidance}",
+                          ",".join(sorted(PLAN.samples[f"{w.run}/e{w.epoch}/{w.guidance}"].tables))),
+    resources:
+        **res("sample"),
     log:
-        f"{R}/logs/sample/{{name}}-{{guidance}}.log",
+        f"{R}/logs/sample/{{run}}-e{{epoch}}-{{guidance}}.log",
     shell:
-        "iar2 sample --ar {input.ar} --vq {input.vq} --config {input.config} --out {params.out} --grid 8 "
-        "> {log} 2>&1"
+        WRITE_CFG + "{params.env} iar2 sample --ar {params.weights} --vq {input.vq} --config {params.cfgfile} "
+        "--out {params.out} "
+        "--grid 8 > {log} 2>&1"
 
 
 rule gen_metrics:
-    """FID / IS / precision / recall of one sample set against the train split."""
+    """FID / IS / precision / recall of one sample set (against ADM's reference batch at the paper scale)."""
     input:
-        samples=f"{R}/ar/{{name}}/samples/{{guidance}}/samples.npz",
+        samples=f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/samples.npz",
         refnet=f"{R}/refnet/refnet.safetensors",
         data=DATA["root"],
         report=f"{R}/data/check.json",
     output:
-        f"{R}/ar/{{name}}/samples/{{guidance}}/metrics.json",
+        f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/metrics.json",
     params:
-        m=config.get("gen_metrics", {}),
+        m=config["gen_metrics"],
+        ref=lambda w: f"--ref-npz {config['gen_metrics']['ref_npz']}" if config["gen_metrics"].get("ref_npz") else "",
         cache=f"{R}/cache/reference",
+        env=lambda w: tag("gen_metrics", f"ar/{w.run}/e{w.epoch}/{w.guidance}",
+                          ",".join(sorted(PLAN.samples[f"{w.run}/e{w.epoch}/{w.guidance}"].tables))),
+    resources:
+        **res("gen_metrics"),
     log:
-        f"{R}/logs/gen_metrics/{{name}}-{{guidance}}.log",
+        f"{R}/logs/gen_metrics/{{run}}-e{{epoch}}-{{guidance}}.log",
     shell:
-        "iar2 metrics --samples {input.samples} --data {input.data} --split train --report {input.report} "
-        "--extractor {params.m[extractor]} --domain-net {input.refnet} --max-reference {params.m[max_reference]} "
-        "--cache-dir {params.cache} --out {output} > {log} 2>&1"
+        "{params.env} iar2 metrics --samples {input.samples} --data {input.data} --split train "
+        "--report {input.report} --extractor {params.m[extractor]} --domain-net {input.refnet} "
+        "--max-reference {params.m[max_reference]} {params.ref} --cache-dir {params.cache} --out {output} "
+        "> {log} 2>&1"

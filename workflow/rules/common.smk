@@ -1,135 +1,151 @@
-# Configuration: load the scale file, validate every derived run config before any job is scheduled.
+# Configuration: the scale file (params/<scale>.yaml) over the experiment registry (params/experiments.yaml),
+# resolved into the plan of jobs and validated before any job is scheduled (iar2/registry.py).
 import json
+import os
+import re
 from pathlib import Path
 
 import yaml
 
-from iar2.ar.train import ARRunConfig
-from iar2.config import ConfigError, deep_merge, from_dict, to_dict
-from iar2.sample import SampleRunConfig
-from iar2.tokenizer.config import TokenizerRunConfig
+from iar2.config import ConfigError, deep_merge
+from iar2.registry import load_plan
 
 
 def _load_scale(cfg):
     scale = cfg.get("scale", "default")
     path = Path(workflow.basedir) / "params" / f"{scale}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"scale: {scale!r} has no params/{scale}.yaml; allowed values: "
-                          + ", ".join(sorted(p.stem for p in (Path(workflow.basedir) / "params").glob("*.yaml"))))
+    allowed = sorted(p.stem for p in (Path(workflow.basedir) / "params").glob("*.yaml") if p.stem != "experiments")
+    if scale == "experiments" or not path.is_file():
+        raise ConfigError(f"scale: {scale!r} has no params/{scale}.yaml; allowed values: " + ", ".join(allowed))
     return deep_merge(yaml.safe_load(path.read_text()), cfg)
 
 
 config.update(_load_scale(config))
+PLAN = load_plan(workflow.basedir, config)  # raises ConfigError naming the key and the allowed values
 # (Snakemake exports OMP_NUM_THREADS = the rule's threads, so two 1-thread torch jobs share two cores
 # without spinning against each other.)
 R = config["results"]
 DATA = config["data"]
-TOK = config["tokenizer"]
-VARIANTS = TOK["variants"]
-NAME = r"[A-Za-z0-9_.+-]+"
+SCALE = config["scale"]
+
+
+def _alternation(names):
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) or "^$"
+
+
+TRAINED = PLAN.trained_tokenizers()
+TOKENIZER_IDS = TRAINED + PLAN.rearranged
 
 wildcard_constraints:
-    name=NAME,
     stage=r"stage1|stage2|single",
+    grid=r"\d+",
+    epoch=r"\d+",
+    run=_alternation(PLAN.runs),
+    tok=_alternation(TOKENIZER_IDS),
+    guidance=r"(grid-)?(static|prog|pag)-[0-9.]+(-[0-9.]+)?(-reject)?",
 
-
-def is_dual_sd(name):
-    return VARIANTS[name].get("model", {}).get("quantizer") == "semantic_detail"
-
-
-def tokenizer_config(name, stage):
-    """The resolved TokenizerRunConfig of one variant and stage, as a plain dict."""
-    raw = deep_merge(TOK["base"], VARIANTS[name])
-    raw = deep_merge(raw, {"name": f"{name}-{stage}" if stage != "single" else name,
-                           "data": {"root": DATA["root"]},
-                           "loss": {"domain_net": f"{R}/refnet/refnet.safetensors"},
-                           "train": {"stage": stage}})
-    if stage == "stage1":
-        raw = deep_merge(raw, TOK.get("stage1", {}))
-    if stage == "stage2":
-        raw = deep_merge(raw, {"train": {"init_from": f"{R}/tokenizers/{name}/stage1/vq.safetensors"}})
-    if raw["loss"].get("perceptual") != "domain":
-        raw["loss"].pop("domain_net")
-    return to_dict(from_dict(TokenizerRunConfig, raw))  # raises ConfigError naming the key
-
-
-def stages(name):
-    return ["stage1", "stage2"] if is_dual_sd(name) else ["single"]
-
-
-TOKENIZERS = list(VARIANTS) + [f"{n}-rearranged" for n in config.get("rearrange", {}).get("variants", [])]
-AR = config.get("ar", {"base": {}, "variants": {}})
-SAMPLING = config.get("sampling", {"base": {}, "guidance": {}, "runs": {}})
-
-
-def base_tokenizer(tok):
-    """A tokenizer name's trained variant ("x-rearranged" is x with its codebook permuted)."""
-    return tok[: -len("-rearranged")] if tok.endswith("-rearranged") else tok
-
-
-def ar_config(name):
-    """The resolved ARRunConfig of one AR variant: model grid and vocabularies come from its tokenizer."""
-    v = dict(AR["variants"][name])
-    tok = v.pop("tokenizer")
-    tcfg = tokenizer_config(base_tokenizer(tok), stages(base_tokenizer(tok))[-1])
-    m = tcfg["model"]
-    grid = tcfg["data"]["image_size"] // 2 ** (len(m["ch_mult"]) - 1)
-    vocab = ({"vocab_size": m["codebook_size"]} if m["quantizer"] == "single"
-             else {"semantic_size": m["semantic_size"], "detail_size": m["detail_size"]})
-    raw = deep_merge(deep_merge(AR["base"], {"model": {"grid": grid, **vocab}}), v)
-    raw = deep_merge(raw, {"name": name, "train": {"tokens": f"{R}/tokens/{tok}/train"}})
-    return to_dict(from_dict(ARRunConfig, raw))
-
-
-def ar_tokenizer(name):
-    return AR["variants"][name]["tokenizer"]
-
-
-def sample_config(guidance):
-    raw = deep_merge(SAMPLING["base"], {"sampling": {"guidance": SAMPLING["guidance"][guidance]}})
-    return to_dict(from_dict(SampleRunConfig, raw))
-
-
-# Validate every run config now, so a bad key fails before any job starts.
-for _n in VARIANTS:
-    for _s in stages(_n):
-        tokenizer_config(_n, _s)
-for _key, _allowed in (("tokenize", TOKENIZERS), ("rearrange", VARIANTS), ("code_distance", VARIANTS)):
-    for _n in config.get(_key, {}).get("variants", []):
-        if _n not in _allowed:
-            raise ConfigError(f"{_key}.variants: {_n!r} is not a tokenizer variant; allowed values: "
-                              + ", ".join(_allowed))
-for _n in AR["variants"]:
-    if AR["variants"][_n].get("tokenizer") not in config.get("tokenize", {}).get("variants", []):
-        raise ConfigError(f"ar.variants.{_n}.tokenizer: {AR['variants'][_n].get('tokenizer')!r} has no tokens; "
-                          "allowed values: " + ", ".join(config.get("tokenize", {}).get("variants", [])))
-    ar_config(_n)
-for _g in SAMPLING["guidance"]:
-    sample_config(_g)
-for _n, _gs in SAMPLING["runs"].items():
-    if _n not in AR["variants"]:
-        raise ConfigError(f"sampling.runs: {_n!r} is not an AR variant; allowed values: " + ", ".join(AR["variants"]))
-    for _g in _gs:
-        if _g not in SAMPLING["guidance"]:
-            raise ConfigError(f"sampling.runs.{_n}: {_g!r} is not a guidance config; allowed values: "
-                              + ", ".join(SAMPLING["guidance"]))
-
-# Every job logs to one MLflow experiment per scale (a SQLite store under the results folder by default).
-import os
-
+# Every job logs to one MLflow experiment per scale (a SQLite store under the results folder by default;
+# export MLFLOW_TRACKING_URI=http://... to use an `mlflow server` on a cluster).
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(R).resolve()}/mlflow.db")
-os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", f"iar2-{config.get('scale', 'default')}")
+os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", f"iar2-{SCALE}")
 
 
-def run_dir(name, stage):
-    return f"{R}/tokenizers/{name}/stage1" if stage == "stage1" else f"{R}/tokenizers/{name}"
+def tag(rule_name, run_id, tables=""):
+    """Environment the job's MLflow run is tagged from: rule, run id, the tables it feeds."""
+    return f"IAR2_RULE={rule_name} IAR2_RUN_ID={run_id} IAR2_TABLES={tables or '-'}"
 
 
-TOKENIZER_TARGETS = [f"{R}/tokenizers/{n}/recon.json" for n in VARIANTS]
-AR_TARGETS = [f"{R}/ar/{n}/model.safetensors" for n in AR["variants"]]
-GENERATION_TARGETS = [f"{R}/ar/{n}/samples/{g}/metrics.json" for n, gs in SAMPLING["runs"].items() for g in gs]
-ANALYSIS_TARGETS = (
-    [f"{R}/tokens/{n}/train/meta.json" for n in config.get("tokenize", {}).get("variants", [])]
-    + [f"{R}/tokenizers/{n}-rearranged/summary.json" for n in config.get("rearrange", {}).get("variants", [])]
-    + [f"{R}/analysis/code_distance/{n}.json" for n in config.get("code_distance", {}).get("variants", [])]
-)
+# Each job writes the resolved config it runs with (JSON, which is YAML) atomically before it starts, from its
+# `params.cfg`: a changed config changes the params and reruns exactly that job (Snakemake's params trigger).
+WRITE_CFG = ("mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
+             "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && ")
+
+
+def cfg_json(d):
+    return json.dumps(d, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- resources (SLURM)
+
+RESOURCES = config.get("resources", {}) or {}
+
+
+def resources_of(rule_name, run=None):
+    """The scale's resources for one job: `default`, then the rule's, then (ar_train) by size and size-grid."""
+    spec = RESOURCES.get(rule_name, {}) or {}
+    out = dict(RESOURCES.get("default", {}) or {})
+    if rule_name == "ar_train":
+        out.update(spec.get("default", {}) or {})
+        if run is not None:
+            r = PLAN.runs[run]
+            out.update(spec.get(r.size, {}) or {})
+            out.update(spec.get(f"{r.size}-{r.grid}", {}) or {})
+    else:
+        out.update(spec)
+    return out
+
+
+def res(rule_name):
+    """Resource callables for a rule (keys known statically; values per job). Multi-node jobs take the plugin's
+    `mpi` route: the job script runs our launcher once, and it calls srun with one torchrun per node."""
+    keys = set(resources_of(rule_name))
+    if rule_name == "ar_train":
+        for rid in PLAN.runs:
+            keys |= set(resources_of(rule_name, rid))
+    out = {}
+    for k in sorted(keys):
+        out[k] = (lambda w, k=k: resources_of(rule_name, getattr(w, "run", None)).get(k, 0))
+    if "nodes" in keys:
+        out["tasks"] = lambda w: resources_of(rule_name, getattr(w, "run", None)).get("nodes", 1)
+        out["mpi"] = "srun"
+    return out
+
+
+def launch(rule_name, run=None):
+    """Command prefix running a trainer on the job's GPUs (torchrun) and nodes (srun); empty on CPU scales."""
+    r = resources_of(rule_name, run)
+    gpus, nodes = int(r.get("gpu", 0)), int(r.get("nodes", 1))
+    if gpus <= 1 and nodes <= 1:
+        return ""
+    return f"python -m iar2.launch --gpus {gpus // max(nodes, 1)} --nodes {nodes} -- "
+
+
+# ----------------------------------------------------------------------------- targets
+
+def table_targets(tid):
+    """The files one table needs: metrics of its sample sets, recon evals of its tokenizers, configs."""
+    files = {f"{R}/registry.json"}
+    t = PLAN.index()["tables"][tid]
+    for row in t["rows"]:
+        for src in row.get("values", {}).values():
+            files.add(f"{R}/{src['file']}")
+        if t["kind"] == "settings":
+            files.add(f"{R}/{row['run']}/model.safetensors")
+            if row.get("sample"):
+                files.add(f"{R}/ar/{row['sample']}/samples.npz")
+    return sorted(files)
+
+
+def figure_targets(fid):
+    files = {f"{R}/registry.json"}
+    f = PLAN.figures[fid]
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if "file" in obj and isinstance(obj["file"], str):
+                files.add(f"{R}/{obj['file']}")
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(f)
+    return sorted(files)
+
+
+TABLES = sorted(PLAN.tables, key=lambda t: int(t[len("table"):]))
+FIGURES = list(PLAN.figures)
+ALL_TARGETS = sorted({p for t in TABLES for p in table_targets(t)} | {p for f in FIGURES for p in figure_targets(f)})
+SAMPLE_TARGETS = sorted(f"{R}/ar/{s.id}/" + ("grid.png" if s.is_grid else "metrics.json")
+                        for s in PLAN.samples.values())

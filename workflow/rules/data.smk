@@ -10,10 +10,23 @@ if DATA["source"] == "builtin":
             b=DATA["builtin"],
         log:
             f"{R}/logs/builtin_data.log",
+        localrule: True
         shell:
             "iar2 data builtin --out {output} --num-classes {params.b[num_classes]} "
             "--train-per-class {params.b[train_per_class]} --val-per-class {params.b[val_per_class]} "
             "--size {params.b[size]} --seed {params.b[seed]} > {log} 2>&1"
+
+else:
+
+    rule dataset_missing:
+        """An ImageFolder the pipeline cannot make (ImageNet): say where it must be and how to get it."""
+        output:
+            directory(DATA["root"]),
+        localrule: True
+        shell:
+            "echo 'Dataset {output} is missing. Download ImageNet-1k (ILSVRC2012) from https://image-net.org "
+            "(login required) and unpack it as {output}/train/<wnid>/*.JPEG and {output}/val/<wnid>/*.JPEG "
+            "(val sorted into class folders), or set data.root in params/{SCALE}.yaml.' >&2; exit 1"
 
 
 rule data_check:
@@ -22,6 +35,8 @@ rule data_check:
         DATA["root"],
     output:
         f"{R}/data/check.json",
+    resources:
+        **res("data_check"),
     log:
         f"{R}/logs/data_check.log",
     shell:
@@ -37,6 +52,8 @@ rule refnet:
         f"{R}/refnet/refnet.safetensors",
     params:
         r=config["refnet"],
+    resources:
+        **res("refnet"),
     log:
         f"{R}/logs/refnet.log",
     shell:

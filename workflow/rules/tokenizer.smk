@@ -1,90 +1,92 @@
 # Stage: VQ tokenizers (single, semantic-detail dual in two stages, unassociated dual) and their evaluation.
-import re
 
-TRAINED = "|".join(re.escape(n) for n in VARIANTS)  # rearranged tokenizers come from rule rearrange
-
-
-rule tokenizer_config:
-    wildcard_constraints:
-        name=TRAINED,
-    """Write one variant's resolved run config; it changes (and reruns training) only when the config does."""
-    output:
-        f"{R}/configs/tokenizer/{{name}}-{{stage}}.yaml",
-    params:
-        cfg=lambda w: json.dumps(tokenizer_config(w.name, w.stage), sort_keys=True),
-    localrule: True
-    run:
-        from iar2.io import atomic_write_text
-
-        atomic_write_text(output[0], yaml.safe_dump(json.loads(params.cfg), sort_keys=False))
+TRAINED_RE = _alternation(TRAINED)  # rearranged tokenizers come from rule rearrange
 
 
-def _stage_of(w):
-    return "stage2" if is_dual_sd(w.name) else "single"
+def _final_stage(w):
+    return PLAN.stages(w.tok)[-1]
 
 
 def _train_inputs(w):
-    stage = _stage_of(w)
-    inp = {"config": f"{R}/configs/tokenizer/{w.name}-{stage}.yaml",
-           "refnet": f"{R}/refnet/refnet.safetensors", "data": DATA["root"]}
+    stage = _final_stage(w)
+    inp = {"refnet": f"{R}/refnet/refnet.safetensors", "data": DATA["root"]}
     if stage == "stage2":
-        inp["init"] = f"{R}/tokenizers/{w.name}/stage1/vq.safetensors"
+        inp["init"] = f"{R}/tokenizers/{w.tok}/stage1/vq.safetensors"
     return inp
 
 
 rule vq_train:
+    """Train a tokenizer (single / unassociated dual, or stage 2 of the semantic-detail one: Eq. 9-10);
+    a killed or preempted job resumes from its latest checkpoint."""
     wildcard_constraints:
-        name=TRAINED,
-    """Train one tokenizer stage; a killed or preempted job resumes from its latest checkpoint."""
+        tok=TRAINED_RE,
     input:
         unpack(_train_inputs),
     output:
-        f"{R}/tokenizers/{{name}}/vq.safetensors",
+        f"{R}/tokenizers/{{tok}}/vq.safetensors",
     params:
-        out=lambda w: run_dir(w.name, _stage_of(w)),
+        out=lambda w: f"{R}/tokenizers/{w.tok}",
+        cfg=lambda w: cfg_json(PLAN.tokenizer_config(w.tok, _final_stage(w))),
+        cfgfile=lambda w: f"{R}/configs/tokenizer/{w.tok}-{_final_stage(w)}.yaml",
+        launch=lambda w: launch("vq_train"),
+        env=lambda w: tag("vq_train", f"tok/{w.tok}", ",".join(sorted(PLAN.used_tokenizers.get(w.tok, [])))),
+    resources:
+        **res("vq_train"),
     log:
-        f"{R}/logs/vq_train/{{name}}.log",
+        f"{R}/logs/vq_train/{{tok}}.log",
     shell:
-        "iar2 vq train --config {input.config} --out {params.out} --resume auto > {log} 2>&1"
+        WRITE_CFG + "{params.env} {params.launch}iar2 vq train --config {params.cfgfile} --out {params.out} "
+        "--resume auto "
+        "> {log} 2>&1"
 
 
 rule vq_train_stage1:
-    wildcard_constraints:
-        name=TRAINED,
     """Stage 1 of the semantic-detail tokenizer: encoder, decoder and semantic codebook (Eq. 7-8)."""
+    wildcard_constraints:
+        tok=TRAINED_RE,
     input:
-        config=f"{R}/configs/tokenizer/{{name}}-stage1.yaml",
         refnet=f"{R}/refnet/refnet.safetensors",
         data=DATA["root"],
     output:
-        f"{R}/tokenizers/{{name}}/stage1/vq.safetensors",
+        f"{R}/tokenizers/{{tok}}/stage1/vq.safetensors",
     params:
-        out=lambda w: run_dir(w.name, "stage1"),
+        out=lambda w: f"{R}/tokenizers/{w.tok}/stage1",
+        cfg=lambda w: cfg_json(PLAN.tokenizer_config(w.tok, "stage1")),
+        cfgfile=lambda w: f"{R}/configs/tokenizer/{w.tok}-stage1.yaml",
+        launch=lambda w: launch("vq_train_stage1"),
+        env=lambda w: tag("vq_train_stage1", f"tok/{w.tok}/stage1"),
+    resources:
+        **res("vq_train_stage1"),
     log:
-        f"{R}/logs/vq_train/{{name}}-stage1.log",
+        f"{R}/logs/vq_train/{{tok}}-stage1.log",
     shell:
-        "iar2 vq train --config {input.config} --out {params.out} --resume auto > {log} 2>&1"
+        WRITE_CFG + "{params.env} {params.launch}iar2 vq train --config {params.cfgfile} --out {params.out} "
+        "--resume auto "
+        "> {log} 2>&1"
 
 
 ruleorder: vq_train_stage1 > vq_train
 
 
 rule recon_eval:
+    """Reconstruction metrics on the val split: rFID, PSNR, SSIM, LPIPS, codebook usage (Tables 1, 13; Fig. 4)."""
     wildcard_constraints:
-        name=TRAINED,
-    """Reconstruction metrics on the val split: rFID, PSNR, SSIM, LPIPS, codebook usage (Tables 1, 7, 13)."""
+        tok=TRAINED_RE,
     input:
-        vq=f"{R}/tokenizers/{{name}}/vq.safetensors",
+        vq=f"{R}/tokenizers/{{tok}}/vq.safetensors",
         refnet=f"{R}/refnet/refnet.safetensors",
         data=DATA["root"],
         report=f"{R}/data/check.json",
     output:
-        f"{R}/tokenizers/{{name}}/recon.json",
+        f"{R}/tokenizers/{{tok}}/recon.json",
     params:
         e=config["recon_eval"],
+        env=lambda w: tag("recon_eval", f"tok/{w.tok}", ",".join(sorted(PLAN.used_tokenizers.get(w.tok, [])))),
+    resources:
+        **res("recon_eval"),
     log:
-        f"{R}/logs/recon_eval/{{name}}.log",
+        f"{R}/logs/recon_eval/{{tok}}.log",
     shell:
-        "iar2 vq eval --vq {input.vq} --data {input.data} --split val --report {input.report} "
+        "{params.env} iar2 vq eval --vq {input.vq} --data {input.data} --split val --report {input.report} "
         "--extractor {params.e[extractor]} --perceptual {params.e[perceptual]} --domain-net {input.refnet} "
         "--max-images {params.e[max_images]} --out {output} > {log} 2>&1"

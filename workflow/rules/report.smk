@@ -1,0 +1,17 @@
+# Stage: the report reviewers read (iar2/report/): every table and figure beside the paper's numbers, the claims
+# checklist and the provenance of every number. `iar2 report` also renders a partial results folder by hand.
+
+
+rule report:
+    """reports/<scale>/: index.html (self-contained), report.md, claims.md, figures (PNG + SVG), provenance."""
+    input:
+        ALL_TARGETS,
+        f"{R}/summary.json",
+    output:
+        report(directory(f"reports/{SCALE}"), htmlindex="index.html", caption="../report/report.rst",
+               category="Reproduction report"),
+    log:
+        f"{R}/logs/report.log",
+    localrule: True
+    shell:
+        "iar2 report --results {R} --out {output} > {log} 2>&1"
