@@ -511,6 +511,21 @@ class Plan:
         for g in {s.guidance for s in self.samples.values()}:
             self.sample_config(g)
 
+    def resources(self, rule: str, rid: str | None = None) -> dict:
+        """The scale's SLURM resources of one job: `default`, then the rule's, then (ar_train) by size, size-grid."""
+        table = self.s.get("resources", {}) or {}
+        spec = table.get(rule, {}) or {}
+        out = dict(table.get("default", {}) or {})
+        if rule == "ar_train":
+            out.update(spec.get("default", {}) or {})
+            if rid is not None:
+                r = self.runs[rid]
+                out.update(spec.get(r.size, {}) or {})
+                out.update(spec.get(f"{r.size}-{r.grid}", {}) or {})
+        else:
+            out.update(spec)
+        return out
+
     def tables_of_run(self, rid: str) -> str:
         return ",".join(sorted(self.runs[rid].tables))
 
@@ -523,7 +538,8 @@ class Plan:
                                 "config": f"tokenizers/{t}/config.yaml" if st else f"tokenizers/{t}/summary.json"}
         for rid in self.runs:
             runs[f"ar/{rid}"] = {"kind": "ar", "dir": f"ar/{rid}", "config": f"ar/{rid}/config.yaml",
-                                 "tables": sorted(self.runs[rid].tables)}
+                                 "tables": sorted(self.runs[rid].tables),
+                                 "resources": self.resources("ar_train", rid)}
         for sid, ss in self.samples.items():
             runs[f"ar/{sid}"] = {"kind": "samples", "dir": f"ar/{sid}", "config": f"configs/sampling/{ss.guidance}.yaml",
                                  "tables": sorted(ss.tables)}
@@ -586,6 +602,55 @@ def _paper_columns(csv_name: str) -> list[str]:
         if p.is_file():
             return p.read_text().splitlines()[0].split(",")
     return list(METRIC_FIELDS) + list(RECON_FIELDS)
+
+
+# ----------------------------------------------------------------------------- small outputs of the DAG
+
+def write_index(plan: Plan, out: str | Path, repo: str | Path) -> None:
+    """results/<scale>/registry.json, stamped with the commit that wrote it."""
+    import subprocess
+
+    from iar2.io import atomic_write_json
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    atomic_write_json(out, plan.index(commit))
+
+
+def write_loss_curves(plan: Plan, runs: list[str], out: str | Path) -> None:
+    """Figure 8's CSV: step, epoch, semantic and detail CE of each run's metrics.csv, labelled by size."""
+    import pandas as pd
+
+    from iar2.io import atomic_write_text
+
+    frames = []
+    for rid in runs:
+        df = pd.read_csv(Path(plan.results) / "ar" / rid / "metrics.csv")
+        r = plan.runs[rid]
+        df = df[[c for c in ("step", "epoch", "semantic_ce", "detail_ce", "loss") if c in df]]
+        frames.append(df.assign(run=f"ar/{rid}", label=f"{plan.families[r.family]['label']}-{r.size}"))
+    atomic_write_text(out, pd.concat(frames).to_csv(index=False))
+
+
+def write_summary(plan: Plan, out: str | Path) -> None:
+    """results/<scale>/summary.json: headline numbers of every run, flat ("<run id>.<metric>"), for DVC."""
+    from iar2.io import atomic_write_json
+
+    res, flat = Path(plan.results), {}
+    for tok in plan.trained_tokenizers():
+        p = res / "tokenizers" / tok / "recon.json"
+        if p.is_file():
+            d = json.loads(p.read_text())
+            flat.update({f"tok/{tok}.{k}": d[k] for k in ("rfid", "psnr", "ssim") if k in d})
+    for s in plan.samples.values():
+        p = res / "ar" / s.id / "metrics.json"
+        if not s.is_grid and p.is_file():
+            d = json.loads(p.read_text())
+            flat.update({f"ar/{s.id}.{k}": d[k] for k in ("fid", "isc_mean", "precision", "recall") if k in d})
+    atomic_write_json(out, dict(sorted(flat.items())))
 
 
 def load_plan(repo: str | Path, scale_cfg: dict) -> Plan:

@@ -296,6 +296,15 @@ def _epochs(cfg, results, run):
     return t.get("epochs"), text
 
 
+def _gpus(cfg, results, run):
+    # The scale's SLURM resources for the run (registry.json "runs" -> "resources"); CPU scales have none.
+    res = (results.runs.get(run or "") or {}).get("resources") or {}
+    n = res.get("gpu")
+    if not is_number(n) or not n:
+        return None, "0 (CPU)"
+    return n, f"{n:g}" + (f" ({res['nodes']:g} nodes)" if is_number(res.get("nodes")) and res["nodes"] > 1 else "")
+
+
 def _optimizer(cfg, results, run):
     # The AR trainer always builds AdamW (iar2/ar/train.py); the betas are in the config.
     betas = _get(cfg, "train.betas")
@@ -327,8 +336,7 @@ def _pair_of(path: str):
 TABLE11_SETTINGS = {
     "params": _params, "optimizer": _optimizer, "weight_decay": _plain("train.weight_decay"),
     "batch_size": _plain("train.batch_size"), "lr": _lr, "lr_schedule": _plain("train.lr_schedule"),
-    "epochs": _epochs, "fsdp": _plain("train.fsdp"), "s": _plain("model.semantic_weight"),
-    # gpus: the launcher decides (torchrun / SLURM), nothing in the config records it
+    "epochs": _epochs, "fsdp": _plain("train.fsdp"), "s": _plain("model.semantic_weight"), "gpus": _gpus,
 }
 TABLE12_SETTINGS = {
     "params": _params, "seed": _plain("sampling.seed"), "top_k": _pair_of("sampling.top_k"), "top_p": _pair_of("sampling.top_p"),

@@ -17,6 +17,8 @@ rule tokenize:
         out=lambda w: f"{R}/tokens/{w.tok}/g{w.grid}",
     resources:
         **res("tokenize"),
+    conda:
+        ENV
     log:
         f"{R}/logs/tokenize/{{tok}}-g{{grid}}.log",
     shell:
@@ -36,6 +38,8 @@ rule rearrange:
         out=lambda w: f"{R}/tokenizers/{w.tok}-rearranged",
     resources:
         **res("rearrange"),
+    conda:
+        ENV
     log:
         f"{R}/logs/rearrange/{{tok}}.log",
     shell:
@@ -56,14 +60,13 @@ rule code_distance:
         perceptual=config["recon_eval"].get("perceptual", "domain"),
     resources:
         **res("code_distance"),
+    conda:
+        ENV
     log:
         f"{R}/logs/code_distance/{{tok}}.log",
     shell:
         "iar2 code-distance --vq {input.vq} --data {input.data} --split val --num-images {params.n} "
         "--perceptual {params.perceptual} --domain-net {input.refnet} --out {output} > {log} 2>&1"
-
-
-LOSS_RUNS = [s["run"][len("ar/"):] for f in PLAN.figures.values() if f["kind"] == "loss_curves" for s in f["series"]]
 
 
 rule loss_curves:
@@ -72,21 +75,11 @@ rule loss_curves:
         [f"{R}/ar/{r}/model.safetensors" for r in LOSS_RUNS],
     output:
         f"{R}/analysis/loss_curves.csv",
-    params:
-        runs=LOSS_RUNS,
+    log:
+        f"{R}/logs/loss_curves.log",
     localrule: True
     run:
-        import pandas as pd
-
-        from iar2.io import atomic_write_text
-
-        frames = []
-        for rid in params.runs:
-            df = pd.read_csv(f"{R}/ar/{rid}/metrics.csv")
-            r = PLAN.runs[rid]
-            df = df[[c for c in ("step", "epoch", "semantic_ce", "detail_ce", "loss") if c in df]]
-            frames.append(df.assign(run=f"ar/{rid}", label=f"{PLAN.families[r.family]['label']}-{r.size}"))
-        atomic_write_text(output[0], pd.concat(frames).to_csv(index=False))
+        write_loss_curves(PLAN, LOSS_RUNS, output[0])
 
 
 rule registry_index:
@@ -95,20 +88,12 @@ rule registry_index:
     output:
         f"{R}/registry.json",
     params:
-        index=json.dumps(PLAN.index(), sort_keys=True),
+        index=json.dumps(PLAN.index(), sort_keys=True),  # a registry or scale change rewrites it
+    log:
+        f"{R}/logs/registry_index.log",
     localrule: True
     run:
-        import subprocess
-
-        from iar2.io import atomic_write_json
-
-        index = json.loads(params.index)
-        try:
-            index["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                                 cwd=workflow.basedir, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            index["git_commit"] = "unknown"
-        atomic_write_json(output[0], index)
+        write_index(PLAN, output[0], workflow.basedir)
 
 
 rule summary:
@@ -117,19 +102,8 @@ rule summary:
         ALL_TARGETS,
     output:
         f"{R}/summary.json",
+    log:
+        f"{R}/logs/summary.log",
     localrule: True
     run:
-        from iar2.io import atomic_write_json
-
-        flat = {}
-        for tok in TRAINED:
-            p = Path(f"{R}/tokenizers/{tok}/recon.json")
-            if p.is_file():
-                d = json.loads(p.read_text())
-                flat.update({f"tok/{tok}.{k}": d[k] for k in ("rfid", "psnr", "ssim") if k in d})
-        for s in PLAN.samples.values():
-            p = Path(f"{R}/ar/{s.id}/metrics.json")
-            if not s.is_grid and p.is_file():
-                d = json.loads(p.read_text())
-                flat.update({f"ar/{s.id}.{k}": d[k] for k in ("fid", "isc_mean", "precision", "recall") if k in d})
-        atomic_write_json(output[0], dict(sorted(flat.items())))
+        write_summary(PLAN, output[0])

@@ -21,10 +21,13 @@ rule time_match:
         reffile=lambda w: f"{R}/configs/time_match/{w.run}.reference.yaml",
     resources:
         **res("time_match"),
+    conda:
+        ENV
     log:
         f"{R}/logs/time_match/{{run}}.log",
     shell:
-        WRITE_CFG + "printf '%s\\n' {params.ref:q} > {params.reffile} && "
+        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
+        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && printf '%s\\n' {params.ref:q} > {params.reffile} && "
         "iar2 ar time-match --config {params.cfgfile} --reference {params.reffile} --out {output} > {log} 2>&1"
 
 
@@ -45,26 +48,20 @@ rule ar_train:
         env=lambda w: tag("ar_train", f"ar/{w.run}", PLAN.tables_of_run(w.run)),
     resources:
         **res("ar_train"),
+    conda:
+        ENV
     log:
         f"{R}/logs/ar_train/{{run}}.log",
     shell:
-        WRITE_CFG + "{params.env} {params.launch}iar2 ar train --config {params.cfgfile} {params.budget} "
+        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
+        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && {params.env} {params.launch}iar2 ar train --config {params.cfgfile} {params.budget} "
         "--out {params.out} --resume auto > {log} 2>&1"
-
-
-def _sample_inputs(w):
-    r = PLAN.runs[w.run]
-    inp = {"ar": f"{R}/ar/{w.run}/model.safetensors",
-           "vq": f"{R}/tokenizers/{r.tokenizer}/vq.safetensors"}
-    if w.guidance.endswith("-reject"):
-        inp["refnet"] = f"{R}/refnet/refnet.safetensors"
-    return inp
 
 
 rule sample:
     """Class-conditional samples of one checkpoint under one guidance config (ADM .npz + a class grid)."""
     input:
-        unpack(_sample_inputs),
+        unpack(sample_inputs),
     output:
         f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/samples.npz",
         report(f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/grid.png", caption="../report/samples.rst",
@@ -74,15 +71,19 @@ rule sample:
         weights=lambda w: f"{R}/ar/{w.run}/model_e{int(w.epoch):03d}.safetensors",
         cfg=lambda w: cfg_json(PLAN.sample_config(w.guidance)),
         cfgfile=lambda w: f"{R}/configs/sampling/{w.guidance}.yaml",
+        launch=lambda w: launch("sample"),
         out=lambda w: f"{R}/ar/{w.run}/e{w.epoch}/{w.guidance}",
         env=lambda w: tag("sample", f"ar/{w.run}/e{w.epoch}/{w.guidance}",
                           ",".join(sorted(PLAN.samples[f"{w.run}/e{w.epoch}/{w.guidance}"].tables))),
     resources:
         **res("sample"),
+    conda:
+        ENV
     log:
         f"{R}/logs/sample/{{run}}-e{{epoch}}-{{guidance}}.log",
     shell:
-        WRITE_CFG + "{params.env} iar2 sample --ar {params.weights} --vq {input.vq} --config {params.cfgfile} "
+        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
+        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && {params.env} iar2 sample --ar {params.weights} --vq {input.vq} --config {params.cfgfile} "
         "--out {params.out} "
         "--grid 8 > {log} 2>&1"
 
@@ -104,6 +105,8 @@ rule gen_metrics:
                           ",".join(sorted(PLAN.samples[f"{w.run}/e{w.epoch}/{w.guidance}"].tables))),
     resources:
         **res("gen_metrics"),
+    conda:
+        ENV
     log:
         f"{R}/logs/gen_metrics/{{run}}-e{{epoch}}-{{guidance}}.log",
     shell:

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from iar2.config import ConfigError, deep_merge
-from iar2.registry import load_plan
+from iar2.registry import load_plan, write_index, write_loss_curves, write_summary
 
 
 def _load_scale(cfg):
@@ -34,6 +34,7 @@ def _alternation(names):
 
 
 TRAINED = PLAN.trained_tokenizers()
+ENV = "../../environment.yml"  # every rule runs in the project's one environment (--use-conda builds it)
 TOKENIZER_IDS = TRAINED + PLAN.rearranged
 
 wildcard_constraints:
@@ -56,11 +57,8 @@ def tag(rule_name, run_id, tables=""):
 
 
 # Each job writes the resolved config it runs with (JSON, which is YAML) atomically before it starts, from its
-# `params.cfg`: a changed config changes the params and reruns exactly that job (Snakemake's params trigger).
-WRITE_CFG = ("mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
-             "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && ")
-
-
+# `params.cfg` (the shell commands' `printf ... && mv` prefix): a changed config changes the params and reruns
+# exactly that job (Snakemake's params trigger).
 def cfg_json(d):
     return json.dumps(d, sort_keys=True)
 
@@ -71,34 +69,23 @@ RESOURCES = config.get("resources", {}) or {}
 
 
 def resources_of(rule_name, run=None):
-    """The scale's resources for one job: `default`, then the rule's, then (ar_train) by size and size-grid."""
-    spec = RESOURCES.get(rule_name, {}) or {}
-    out = dict(RESOURCES.get("default", {}) or {})
-    if rule_name == "ar_train":
-        out.update(spec.get("default", {}) or {})
-        if run is not None:
-            r = PLAN.runs[run]
-            out.update(spec.get(r.size, {}) or {})
-            out.update(spec.get(f"{r.size}-{r.grid}", {}) or {})
-    else:
-        out.update(spec)
-    return out
+    return PLAN.resources(rule_name, run)
 
 
 def res(rule_name):
-    """Resource callables for a rule (keys known statically; values per job). Multi-node jobs take the plugin's
-    `mpi` route: the job script runs our launcher once, and it calls srun with one torchrun per node."""
-    keys = set(resources_of(rule_name))
-    if rule_name == "ar_train":
-        for rid in PLAN.runs:
-            keys |= set(resources_of(rule_name, rid))
-    out = {}
-    for k in sorted(keys):
-        out[k] = (lambda w, k=k: resources_of(rule_name, getattr(w, "run", None)).get(k, 0))
-    if "nodes" in keys:
-        out["tasks"] = lambda w: resources_of(rule_name, getattr(w, "run", None)).get("nodes", 1)
-        out["mpi"] = "srun"
-    return out
+    """Resource callables per job (the plugin's names). A value of None drops the key for that job: the SLURM
+    plugin reacts to `mpi` being present, which only multi-node jobs get (iar2/launch.py: slurm_resources)."""
+    from iar2.launch import slurm_resources
+
+    def shape(run):
+        r = resources_of(rule_name, run)
+        nodes = int(r.get("nodes", 1))
+        return slurm_resources(gpus=int(r.get("gpu", 0)) // nodes, nodes=nodes, cpus_per_task=r.get("cpus_per_task"),
+                               mem_mb=r.get("mem_mb"), runtime=r.get("runtime"))
+
+    runs = list(PLAN.runs) if rule_name == "ar_train" else []
+    keys = set(shape(None)).union(*(shape(rid) for rid in runs))
+    return {k: (lambda w, k=k: shape(getattr(w, "run", None)).get(k)) for k in sorted(keys)}
 
 
 def launch(rule_name, run=None):
@@ -149,3 +136,28 @@ FIGURES = list(PLAN.figures)
 ALL_TARGETS = sorted({p for t in TABLES for p in table_targets(t)} | {p for f in FIGURES for p in figure_targets(f)})
 SAMPLE_TARGETS = sorted(f"{R}/ar/{s.id}/" + ("grid.png" if s.is_grid else "metrics.json")
                         for s in PLAN.samples.values())
+
+
+LOSS_RUNS = [s["run"][len("ar/"):] for f in PLAN.figures.values() if f["kind"] == "loss_curves" for s in f["series"]]
+
+
+# ----------------------------------------------------------------------------- input functions
+
+
+def final_stage(w):
+    return PLAN.stages(w.tok)[-1]
+
+
+def train_inputs(w):
+    inp = {"refnet": f"{R}/refnet/refnet.safetensors", "data": DATA["root"]}
+    if final_stage(w) == "stage2":
+        inp["init"] = f"{R}/tokenizers/{w.tok}/stage1/vq.safetensors"
+    return inp
+
+
+def sample_inputs(w):
+    r = PLAN.runs[w.run]
+    inp = {"ar": f"{R}/ar/{w.run}/model.safetensors", "vq": f"{R}/tokenizers/{r.tokenizer}/vq.safetensors"}
+    if w.guidance.endswith("-reject"):
+        inp["refnet"] = f"{R}/refnet/refnet.safetensors"
+    return inp

@@ -8,6 +8,8 @@ if DATA["source"] == "builtin":
             directory(DATA["root"]),
         params:
             b=DATA["builtin"],
+        conda:
+            ENV
         log:
             f"{R}/logs/builtin_data.log",
         localrule: True
@@ -37,6 +39,8 @@ rule data_check:
         f"{R}/data/check.json",
     resources:
         **res("data_check"),
+    conda:
+        ENV
     log:
         f"{R}/logs/data_check.log",
     shell:
@@ -54,6 +58,8 @@ rule refnet:
         r=config["refnet"],
     resources:
         **res("refnet"),
+    conda:
+        ENV
     log:
         f"{R}/logs/refnet.log",
     shell:

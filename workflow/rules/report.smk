@@ -5,13 +5,15 @@
 rule report:
     """reports/<scale>/: index.html (self-contained), report.md, claims.md, figures (PNG + SVG), provenance."""
     input:
-        ALL_TARGETS,
-        f"{R}/summary.json",
+        targets=ALL_TARGETS,
+        summary=f"{R}/summary.json",
     output:
         report(directory(f"reports/{SCALE}"), htmlindex="index.html", caption="../report/report.rst",
                category="Reproduction report"),
+    conda:
+        ENV
     log:
         f"{R}/logs/report.log",
     localrule: True
     shell:
-        "iar2 report --results {R} --out {output} > {log} 2>&1"
+        "iar2 report --results $(dirname {input.summary}) --out {output} > {log} 2>&1"

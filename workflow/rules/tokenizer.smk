@@ -3,39 +3,30 @@
 TRAINED_RE = _alternation(TRAINED)  # rearranged tokenizers come from rule rearrange
 
 
-def _final_stage(w):
-    return PLAN.stages(w.tok)[-1]
-
-
-def _train_inputs(w):
-    stage = _final_stage(w)
-    inp = {"refnet": f"{R}/refnet/refnet.safetensors", "data": DATA["root"]}
-    if stage == "stage2":
-        inp["init"] = f"{R}/tokenizers/{w.tok}/stage1/vq.safetensors"
-    return inp
-
-
 rule vq_train:
     """Train a tokenizer (single / unassociated dual, or stage 2 of the semantic-detail one: Eq. 9-10);
     a killed or preempted job resumes from its latest checkpoint."""
     wildcard_constraints:
         tok=TRAINED_RE,
     input:
-        unpack(_train_inputs),
+        unpack(train_inputs),
     output:
         f"{R}/tokenizers/{{tok}}/vq.safetensors",
     params:
         out=lambda w: f"{R}/tokenizers/{w.tok}",
-        cfg=lambda w: cfg_json(PLAN.tokenizer_config(w.tok, _final_stage(w))),
-        cfgfile=lambda w: f"{R}/configs/tokenizer/{w.tok}-{_final_stage(w)}.yaml",
+        cfg=lambda w: cfg_json(PLAN.tokenizer_config(w.tok, final_stage(w))),
+        cfgfile=lambda w: f"{R}/configs/tokenizer/{w.tok}-{final_stage(w)}.yaml",
         launch=lambda w: launch("vq_train"),
         env=lambda w: tag("vq_train", f"tok/{w.tok}", ",".join(sorted(PLAN.used_tokenizers.get(w.tok, [])))),
     resources:
         **res("vq_train"),
+    conda:
+        ENV
     log:
         f"{R}/logs/vq_train/{{tok}}.log",
     shell:
-        WRITE_CFG + "{params.env} {params.launch}iar2 vq train --config {params.cfgfile} --out {params.out} "
+        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
+        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && {params.env} {params.launch}iar2 vq train --config {params.cfgfile} --out {params.out} "
         "--resume auto "
         "> {log} 2>&1"
 
@@ -57,10 +48,13 @@ rule vq_train_stage1:
         env=lambda w: tag("vq_train_stage1", f"tok/{w.tok}/stage1"),
     resources:
         **res("vq_train_stage1"),
+    conda:
+        ENV
     log:
         f"{R}/logs/vq_train/{{tok}}-stage1.log",
     shell:
-        WRITE_CFG + "{params.env} {params.launch}iar2 vq train --config {params.cfgfile} --out {params.out} "
+        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
+        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && {params.env} {params.launch}iar2 vq train --config {params.cfgfile} --out {params.out} "
         "--resume auto "
         "> {log} 2>&1"
 
@@ -84,6 +78,8 @@ rule recon_eval:
         env=lambda w: tag("recon_eval", f"tok/{w.tok}", ",".join(sorted(PLAN.used_tokenizers.get(w.tok, [])))),
     resources:
         **res("recon_eval"),
+    conda:
+        ENV
     log:
         f"{R}/logs/recon_eval/{{tok}}.log",
     shell:
