@@ -17,6 +17,7 @@ import base64
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,30 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             return cand
     done = sorted(p for p in ckroot.glob("step_*") if (p / "meta.json").is_file())
     return done[-1] if done else None
+
+
+def auto_resume_checkpoint(run_dir: str | Path, config: dict, resumable: set[str],
+                           move_stale: bool = True) -> Path | None:
+    """`--resume auto`: the run's latest checkpoint if it was written under this config (keys in `resumable`, such
+    as logging intervals, may differ); None if there is none. Checkpoints of another config are a different run
+    (the pipeline reruns a job because its config changed): they are moved to checkpoints.stale/ and training
+    starts over, instead of silently continuing the old run."""
+    from iar2.config import config_changes
+
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        return None
+    old = json.loads((ck / "meta.json").read_text()).get("config", {})
+    changed = [k for k in config_changes(old, config) if k not in resumable]
+    if not changed:
+        return ck
+    log.warning("%s was written under another config (%s): starting over; old checkpoints -> checkpoints.stale/",
+                ck, ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
+    if move_stale:
+        stale = Path(run_dir) / "checkpoints.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        (Path(run_dir) / "checkpoints").rename(stale)
+    return None
 
 
 def load_checkpoint(ckpt_dir: str | Path, modules: dict[str, torch.nn.Module] | None = None,

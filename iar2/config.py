@@ -198,3 +198,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         raw = deep_merge(raw, data)
     raw = deep_merge(raw, parse_overrides(overrides))
     return from_dict(cls, raw)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -82,6 +82,26 @@ def test_epoch_checkpoints_and_budgets(tmp_path):
     assert json.loads((tmp_path / "timed" / "model.json").read_text())["step"] <= 1
 
 
+def test_nominal_epochs_and_a_changed_config_starts_over(tmp_path):
+    """epoch_steps sets the steps per (nominal) epoch; `--resume auto` continues only a run of the same config:
+    after a config change (a rerun the pipeline asked for) the old checkpoints are set aside, not continued."""
+    tokens = make_tokens(tmp_path / "tok", n=8)
+    cfg = run_config(tokens, steps=None, epochs=4, epoch_steps=1.5, ckpt_epochs=[2])
+    train(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["step"] == 6  # 4 epochs x 1.5 steps
+    assert json.loads((tmp_path / "run" / "model_e002.json").read_text())["step"] == 3
+    changed = run_config(tokens, steps=8, lr=1e-3)
+    train(changed, tmp_path / "run", resume="auto")
+    assert (tmp_path / "run" / "checkpoints.stale").is_dir()
+    fresh = run_config(tokens, steps=8, lr=1e-3)
+    train(fresh, tmp_path / "fresh")
+    a, b = load_weights(tmp_path / "run" / "model.safetensors"), load_weights(tmp_path / "fresh" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # started over: identical to a fresh run
+    same = run_config(tokens, steps=8, lr=1e-3, log_every=2)  # logging interval only: resumes (nothing left)
+    train(same, tmp_path / "run", resume="auto")
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["step"] == 8
+
+
 def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     tokens = make_tokens(tmp_path / "tok")
     cfg = run_config(tokens, steps=10, ckpt_every=2)

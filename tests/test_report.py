@@ -344,7 +344,7 @@ def test_settings_tables_from_resolved_configs(report):
     assert "dim 128" in t11 and "n_layer 4" in t11
     assert 'class="same">same<' in t11 and 'class="differs">differs<' in t11
     assert "config not written yet (configs/ar/iar2-L-16.yaml)" in t11
-    assert ">not recorded<" in t11  # GPUs: the launcher decides, no config records it
+    assert ">0 (CPU)<" in t11  # GPUs: the scale's SLURM resources of the run (registry.json); none at this scale
     row = next(r for r in report["md"].splitlines() if r.startswith("| IAR2-B | 16x16 |") and "AdamW" in r)
     assert "| 256 | 32 | differs |" in row and "| 0.05 | 0.05 | same |" in row and "| 2.0 | 2 | same |" in row
     t12 = _section(report["html"], "table12")

@@ -222,8 +222,12 @@ def test_resume_refuses_a_changed_config(tiny_data, tmp_path):
     longer = make_cfg(tiny_data, train={"steps": 3, "ckpt_every": 2})
     assert train(longer, tmp_path / "r", resume="auto")["step"] == 3  # more steps: allowed
     other = make_cfg(tiny_data, train={"steps": 4, "ckpt_every": 2, "lr": 5e-4})
-    with pytest.raises(ConfigError, match="train.lr"):
-        train(other, tmp_path / "r", resume="auto")
+    ckpt = tmp_path / "r" / "checkpoints" / "step_0000002"
+    with pytest.raises(ConfigError, match="train.lr"):  # an explicit checkpoint of another config: refused
+        train(other, tmp_path / "r", resume=str(ckpt))
+    # `auto` (what the pipeline passes when it reruns a job whose config changed): a new run, old one set aside
+    assert train(other, tmp_path / "r", resume="auto")["step"] == 4
+    assert (tmp_path / "r" / "checkpoints.stale" / "step_0000002").is_dir()
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_data, tmp_path):

@@ -34,10 +34,10 @@ def job_counts(out: str) -> Counter:
 
 def test_bad_config_is_rejected_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("scale: ci\ntokenizer:\n  base:\n    model: {quantizer: trinary}\n")
+    bad.write_text("scale: ci\ntokenizer:\n  base:\n    loss: {perceptual: alexnet}\n")
     r = smk("-n", "reproduce_all", "--configfile", str(bad), cwd=tmp_path)
     assert r.returncode != 0
-    assert "quantizer" in r.stderr + r.stdout and "allowed values" in r.stderr + r.stdout
+    assert "perceptual" in r.stderr + r.stdout and "allowed values" in r.stderr + r.stdout
     assert not (tmp_path / "results").exists()
 
 
@@ -52,6 +52,11 @@ def test_unknown_scale_names_the_allowed_ones(tmp_path):
     r = smk("-n", "reproduce_all", "--config", "scale=huge", cwd=tmp_path)
     out = r.stderr + r.stdout
     assert r.returncode != 0 and "allowed values" in out and "default" in out and "paper" in out
+
+
+def test_lint_is_clean(tmp_path):
+    r = smk("--lint", "--config", "scale=ci", cwd=tmp_path, timeout=300)
+    assert "Congratulations, your workflow is in a good condition!" in r.stdout + r.stderr, r.stdout[-3000:]
 
 
 def test_paper_scale_plans_every_table_and_figure_offline(tmp_path):
@@ -74,8 +79,8 @@ def test_paper_scale_plans_every_table_and_figure_offline(tmp_path):
     for t in [f"table{i}" for i in range(1, 14)] + ["fig3", "fig4", "fig7", "fig8", "samples", "reproduce_all"]:
         assert t in targets
     # The resources of a 32-GPU run (Table 11: IAR2-XXL 24x24) reach the job, through the multi-node launcher.
-    r = smk("-n", "-p", "--configfile", str(ROOT / "params" / "paper.yaml"),
-            "results/paper/ar/iar2-XXL-24/model.safetensors", cwd=tmp_path, timeout=300)
+    r = smk("-n", "-p", "results/paper/ar/iar2-XXL-24/model.safetensors", "--configfile",
+            str(ROOT / "params" / "paper.yaml"), cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "iar2.launch --gpus 8 --nodes 4" in r.stdout and "gpu=32" in r.stdout and "nodes=4" in r.stdout
 
@@ -87,7 +92,7 @@ def ci_run(ci_workspace_root):
 
 
 @pytest.mark.slow
-def test_ci_scale_runs_end_to_end(ci_run):
+def test_ci_scale_runs_end_to_end(ci_run, tmp_path):
     res = ci_run / "results" / "ci"
     plan = load_plan(ROOT, load_yaml(ROOT / "params" / "ci.yaml"))
     index = json.loads((res / "registry.json").read_text())
@@ -117,6 +122,14 @@ def test_ci_scale_runs_end_to_end(ci_run):
     assert (res / "ar" / "iar2-XL-24" / "e300" / "grid-pag-1.35-3.0" / "grid.png").is_file()
     summary = json.loads((res / "summary.json").read_text())
     assert summary["ar/iar2-B-24/e300/pag-1.75-3.0.fid"] > 0
+    assert (ci_run / "reports" / "ci" / "index.html").is_file() and (ci_run / "reports" / "ci" / "claims.md").is_file()
+    # Snakemake's own report from the report()-tagged outputs (a zip: the rendered report is a folder)
+    import zipfile
+
+    r = smk("--report", str(tmp_path / "report.zip"), "--config", "scale=ci", cwd=ci_run, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = zipfile.ZipFile(tmp_path / "report.zip").namelist()
+    assert any(n.endswith("grid.png") for n in names) and any(n.endswith("index.html") for n in names)
 
 
 @pytest.mark.slow

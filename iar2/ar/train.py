@@ -30,7 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from iar2.ar.model import ARModel, ARModelConfig
-from iar2.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from iar2.checkpoint import auto_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from iar2.config import ConfigError, config_hash, load_config, to_dict
 from iar2.distributed import DistInfo, StepSampler, barrier, init_distributed, mix_seed, no_sync, unwrap, wrap_ddp
 from iar2.io import atomic_write_text
@@ -204,6 +204,11 @@ class ARTrainer:
         return sums
 
 
+# Keys that may differ between a run and its resumption (they do not change the result).
+AR_RESUMABLE_CHANGES = {"train.log_every", "train.ckpt_every", "train.keep_last", "train.device", "train.num_workers",
+                        "train.tokens"}
+
+
 def steps_per_epoch(tc: ARTrainConfig, n: int) -> float:
     return tc.epoch_steps if tc.epoch_steps else n / tc.batch_size
 
@@ -261,8 +266,10 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
     trainer = ARTrainer(cfg, total, info)
     start, elapsed = 0, 0.0
     ckpt = None
-    if resume:
-        ckpt = latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
+    if resume == "auto":
+        ckpt = auto_resume_checkpoint(run_dir, to_dict(cfg), AR_RESUMABLE_CHANGES, move_stale=info.is_main)
+    elif resume:
+        ckpt = Path(resume)
     if ckpt is not None:
         _, opt = trainer.state_for_checkpoint()
         meta = load_checkpoint(ckpt, {"model": trainer.model}, {"opt": opt} if opt is not None else None,

@@ -39,9 +39,9 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from iar2.checkpoint import (latest_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint,
+from iar2.checkpoint import (auto_resume_checkpoint, latest_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint,
                              save_weights, set_rng_state)
-from iar2.config import ConfigError, config_hash, from_dict, load_config, to_dict
+from iar2.config import ConfigError, config_changes, config_hash, from_dict, load_config, to_dict
 from iar2.distributed import (DistInfo, StepSampler, StepSeededDataset, all_reduce_, average_gradients, barrier, cleanup,
                               init_distributed, no_sync, resolve_device, wrap_ddp)
 from iar2.io import atomic_write_text
@@ -84,23 +84,6 @@ def uses_gan(cfg: TokenizerRunConfig) -> bool:
     if cfg.loss.disc_weight <= 0:
         return False
     return cfg.train.stage != "stage1" or cfg.loss.semantic_gan
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 # ----------------------------------------------------------------------------- data
@@ -432,7 +415,7 @@ def _train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = No
 
     ckpt = None
     if resume == "auto":
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = auto_resume_checkpoint(run_dir, to_dict(cfg), RESUMABLE_CHANGES, move_stale=info.is_main)
     elif resume:
         ckpt = Path(resume)
     elif latest_checkpoint(run_dir) is not None:
