@@ -28,6 +28,9 @@ def ci_workspace_root(tmp_path_factory) -> Path:
     import shutil
     import subprocess
 
+    reuse = os.environ.get("IAR2_CI_WORKSPACE")  # a finished workspace of an earlier session (debugging only)
+    if reuse:
+        return Path(reuse)
     repo = Path(__file__).resolve().parent.parent
     root = tmp_path_factory.mktemp("ci_workspace") / "workspace"
     root.mkdir()
