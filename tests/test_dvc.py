@@ -99,9 +99,12 @@ def planned_jobs(root: Path, target: str, env: dict, *config: str) -> dict[str, 
 
 
 @pytest.fixture(scope="module")
-def ci_workspace(ci_workspace_root) -> CiRun:
-    """The shared committed copy of the working tree with the whole ci DAG run in it (tests/conftest.py)."""
-    return CiRun(ci_workspace_root, "reproduce_all")
+def ci_workspace(ci_workspace_root, tmp_path_factory) -> CiRun:
+    """A copy of the shared committed workspace with the whole ci DAG run in it (tests/conftest.py): DVC commits,
+    links and pushes here without touching the workspace other tests read."""
+    root = tmp_path_factory.mktemp("dvc") / "workspace"
+    shutil.copytree(ci_workspace_root, root, symlinks=True)
+    return CiRun(root, "reproduce_all")
 
 
 @pytest.fixture(scope="module")
