@@ -52,16 +52,6 @@ def run(*cmd, cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedP
     return r
 
 
-def copy_worktree(src: Path, dst: Path) -> None:
-    """Tracked files and untracked files git does not ignore: what a commit of the working tree would hold."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=src, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        if (src / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / rel, dst / rel)
-
-
 def git_commit(root: Path, env: dict, message: str) -> None:
     run("git", "add", "-A", cwd=root, env=env)
     run("git", "commit", "-q", "-m", message, cwd=root, env=env)
