@@ -46,3 +46,17 @@ rule fig7:
     input:
         [p for f in ("fig7a", "fig7b", "fig7c") if f in PLAN.figures for p in figure_targets(f)],
     localrule: True
+
+
+# Spooled MLflow runs (tracking.mode: spool) reach the store when the workflow ends, whether it failed or not.
+def _sync_tracking(log):
+    if os.environ.get("IAR2_MLFLOW_SPOOL"):
+        shell("iar2 track sync")
+
+
+onsuccess:
+    _sync_tracking(log)
+
+
+onerror:
+    _sync_tracking(log)

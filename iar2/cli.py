@@ -29,6 +29,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("metrics",), "iar2.generation_metrics", "FID / IS / precision / recall of a sample set vs a reference set"),
     (("code-distance",), "iar2.code_distance", "Figure 3: decode codes replaced at growing code distance"),
     (("report",), "iar2.report", "report: every paper table/figure beside ours, claims checklist, provenance (HTML+MD)"),
+    (("track", "sync"), "iar2.tracking", "log the runs the jobs spooled (tracking.mode: spool) to the MLflow store"),
     (("bench", "tokenizer"), "iar2.bench", "benchmark tokenizer training steps/s"),
     (("bench", "tokenize"), "iar2.bench", "benchmark tokenization images/s"),
     (("bench", "kmeans"), "iar2.bench", "benchmark balanced k-means on a codebook"),
@@ -39,7 +40,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 
 def _group_help(words: tuple[str, ...]) -> str:
     return {"data": "dataset preparation and checks", "refnet": "the domain reference network",
-            "vq": "VQ tokenizers", "ar": "autoregressive models", "bench": "benchmarks to run on your own hardware"}.get(words[0], "")
+            "vq": "VQ tokenizers", "track": "MLflow run tracking", "ar": "autoregressive models", "bench": "benchmarks to run on your own hardware"}.get(words[0], "")
 
 
 

@@ -184,6 +184,12 @@ class Plan:
         for name, values in self.restrict.items():
             if not isinstance(values, list):
                 raise ConfigError(f"restrict.{name}: expected a list of the values to keep")
+        tracking = self.s.get("tracking", {}) or {}
+        if not isinstance(tracking, dict) or set(tracking) - {"mode"}:
+            raise ConfigError("tracking: expected {mode: live | spool}")
+        if tracking.get("mode", "live") not in ("live", "spool"):
+            raise ConfigError(f"tracking.mode: {tracking['mode']!r}; allowed values: live (jobs log to the store as "
+                              "they run), spool (jobs write records, logged when the workflow ends)")
 
     # -- helpers
     def codebook(self, n: int) -> int:

@@ -114,7 +114,7 @@ def test_codebooks_and_grids_map_per_scale():
     assert d.tokenizer_config("sd-256-4096", "stage2")["model"]["semantic_size"] == 16
     assert d.ar_config("iar2-B-24")["model"]["grid"] == 12  # 48 px / 4
     assert d.ar_config("llamagen-B-16")["model"]["vocab_size"] == 1024
-    assert d.ar_config("iar2-B-24")["train"]["epoch_steps"] == d.s["ar"]["epoch_steps"] == 0.5
+    assert d.ar_config("iar2-B-24")["train"]["epoch_steps"] == d.s["ar"]["epoch_steps"] == 1.0
 
 
 def test_ci_restricts_sweeps_but_keeps_every_table(experiments):
@@ -165,10 +165,10 @@ def test_scale_errors_name_the_key():
 
 
 def test_adding_a_table9_cell_adds_one_sample_set(experiments):
-    base = Plan(copy.deepcopy(experiments), scale("default"))
+    base = Plan(copy.deepcopy(experiments), scale("paper"))  # the default scale keeps 6 of Table 9's cells
     x = copy.deepcopy(experiments)
     x["tables"]["table9"]["rows"][0]["for"]["start,end"].append([2.0, 3.5])
-    more = Plan(x, scale("default"))
+    more = Plan(x, scale("paper"))
     assert set(more.samples) - set(base.samples) == {"iar2-B-24/e300/pag-2.0-3.5"}
     assert set(more.runs) == set(base.runs)
     assert all(more.ar_config(r) == base.ar_config(r) for r in base.runs)

@@ -49,6 +49,11 @@ wildcard_constraints:
 # export MLFLOW_TRACKING_URI=http://... to use an `mlflow server` on a cluster).
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(R).resolve()}/mlflow.db")
 os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", f"iar2-{SCALE}")
+# tracking.mode spool (ci, default): jobs write their runs as records; one `iar2 track sync` logs them all when
+# the workflow ends (iar2/tracking.py says why). live (paper): jobs log to the store themselves.
+TRACKING = (config.get("tracking") or {}).get("mode", "live")
+if TRACKING == "spool":
+    os.environ.setdefault("IAR2_MLFLOW_SPOOL", f"{Path(R).resolve()}/mlflow-spool")
 
 
 def tag(rule_name, run_id, tables=""):
