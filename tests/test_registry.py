@@ -114,7 +114,7 @@ def test_codebooks_and_grids_map_per_scale():
     assert d.tokenizer_config("sd-256-4096", "stage2")["model"]["semantic_size"] == 16
     assert d.ar_config("iar2-B-24")["model"]["grid"] == 12  # 48 px / 4
     assert d.ar_config("llamagen-B-16")["model"]["vocab_size"] == 1024
-    assert d.ar_config("iar2-B-24")["train"]["epoch_steps"] == d.s["ar"]["epoch_steps"] == 1.0
+    assert d.ar_config("iar2-B-24")["train"]["epoch_steps"] == d.s["ar"]["epoch_steps"] == 0.75
 
 
 def test_ci_restricts_sweeps_but_keeps_every_table(experiments):

@@ -135,10 +135,12 @@ def test_ci_scale_runs_end_to_end(ci_run, tmp_path):
 
 @pytest.mark.slow
 def test_every_job_logged_one_finished_mlflow_run(ci_run):
-    """Two jobs at a time wrote to one SQLite store: no run lost, none left unfinished, tags name the job."""
+    """Two jobs at a time spooled their runs; the workflow's end logged them all to the SQLite store: no run lost,
+    none left unfinished, none left in the spool, tags name the job."""
     import mlflow
 
     res = ci_run / "results" / "ci"
+    assert (res / "mlflow-spool").is_dir() and not list((res / "mlflow-spool").iterdir())
     plan = load_plan(ROOT, load_yaml(ROOT / "params" / "ci.yaml"))
     client = mlflow.tracking.MlflowClient(f"sqlite:///{res / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("iar2-ci").experiment_id], max_results=5000)

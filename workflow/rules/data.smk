@@ -56,6 +56,9 @@ rule refnet:
         f"{R}/refnet/refnet.safetensors",
     params:
         r=config["refnet"],
+    # Nothing else can run while it trains (every tokenizer's perceptual loss needs it): a scale may give it
+    # more threads (refnet.threads; Snakemake caps them at --cores).
+    threads: config["refnet"].get("threads", 1)
     resources:
         **res("refnet"),
     conda:
