@@ -49,14 +49,9 @@ rule fig7:
 
 
 # Spooled MLflow runs (tracking.mode: spool) reach the store when the workflow ends, whether it failed or not.
-def _sync_tracking(log):
-    if os.environ.get("IAR2_MLFLOW_SPOOL"):
-        shell("iar2 track sync")
-
-
 onsuccess:
-    _sync_tracking(log)
+    sync_tracking(log)
 
 
 onerror:
-    _sync_tracking(log)
+    sync_tracking(log)

@@ -52,8 +52,18 @@ os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", f"iar2-{SCALE}")
 # tracking.mode spool (ci, default): jobs write their runs as records; one `iar2 track sync` logs them all when
 # the workflow ends (iar2/tracking.py says why). live (paper): jobs log to the store themselves.
 TRACKING = (config.get("tracking") or {}).get("mode", "live")
+SPOOL = f"{Path(R).resolve()}/mlflow-spool"
 if TRACKING == "spool":
-    os.environ.setdefault("IAR2_MLFLOW_SPOOL", f"{Path(R).resolve()}/mlflow-spool")
+    os.environ.setdefault("IAR2_MLFLOW_SPOOL", SPOOL)
+
+
+def sync_tracking(log):
+    """The Snakefile's onsuccess/onerror hook: log the spooled runs (a failed sync leaves them in the spool)."""
+    if TRACKING == "spool":
+        try:
+            shell("iar2 track sync")
+        except Exception as e:  # never mask the workflow's own outcome
+            print(f"MLflow sync failed ({e}); the runs stay in {SPOOL}: run `iar2 track sync` to log them")
 
 
 def tag(rule_name, run_id, tables=""):
