@@ -152,6 +152,10 @@ def test_every_job_logged_one_finished_mlflow_run(ci_run):
     assert by_rule["vq_train"] == len(plan.trained_tokenizers())
     ar_ids = {r.data.tags["run_id"] for r in runs if r.data.tags.get("rule") == "ar_train"}
     assert ar_ids == {f"ar/{rid}" for rid in plan.runs}
+    # the report rule logged the spool before rendering: its provenance names the MLflow run of every number
+    prov = json.loads((ci_run / "reports" / "ci" / "provenance.json").read_text())
+    ar_rows = [p for p in prov if str(p.get("run", "")).startswith(("ar/", "tok/")) and p.get("status") == "ok"]
+    assert ar_rows and all(p["mlflow_run"] for p in ar_rows), [p["run"] for p in ar_rows if not p["mlflow_run"]][:5]
     t9 = [r for r in runs if r.data.tags.get("run_id") == "ar/iar2-B-24/e300/pag-1.75-3.0"]
     assert {r.data.tags.get("rule") for r in t9} == {"sample", "gen_metrics"}
     assert "table9" in t9[0].data.tags["tables"].split(",")

@@ -14,6 +14,9 @@ rule report:
         ENV
     log:
         f"{R}/logs/report.log",
+    params:
+        # spooled MLflow runs are logged first, so the provenance names every number's MLflow run
+        sync="iar2 track sync && " if TRACKING == "spool" else "",
     localrule: True
     shell:
-        "iar2 report --results $(dirname {input.summary}) --out {output} > {log} 2>&1"
+        "({params.sync}iar2 report --results $(dirname {input.summary}) --out {output}) > {log} 2>&1"
