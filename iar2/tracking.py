@@ -50,6 +50,11 @@ def _retry(fn, *args, attempts: int = 12, **kwargs):
             delay = min(delay * 2, 2.0)
 
 
+def _metric_rows(step: int, metrics: dict[str, float]) -> list:
+    now = int(time.time() * 1000)
+    return [[k, float(v), now, int(step)] for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -84,13 +89,15 @@ class MLflowRun(NullRun):
             _retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.log_metric_rows(_metric_rows(step, metrics))
+
+    def log_metric_rows(self, rows: list) -> None:
+        """[key, value, timestamp ms, step] rows (a spooled run's history keeps its own timestamps)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and v == v]
-        if items:
-            _retry(self.client.log_batch, self.run_id, metrics=items)
+        items = [Metric(k, v, t, s) for k, v, t, s in rows]
+        for i in range(0, len(items), 1000):  # MLflow's batch limit
+            _retry(self.client.log_batch, self.run_id, metrics=items[i:i + 1000])
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if Path(path).exists():
@@ -151,9 +158,7 @@ class SpooledRun(NullRun):
         self.record["params"].update({k: str(v)[:6000] for k, v in flatten(params).items()})
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        self.record["metrics"] += [[k, float(v), now, int(step)] for k, v in metrics.items()
-                                   if isinstance(v, (int, float)) and v == v]
+        self.record["metrics"] += _metric_rows(step, metrics)
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         # Copied now: the job's outputs may be rewritten by a later job before the sync.
@@ -224,12 +229,10 @@ def sync(spool: str | Path, uri: str | None = None) -> int:
     records = sorted(spool.glob("*.json")) if spool.is_dir() else []
     if not records:
         return 0
-    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
-
-    uri = uri or os.environ["MLFLOW_TRACKING_URI"]
     from tqdm import tqdm
 
+    uri = uri or os.environ["MLFLOW_TRACKING_URI"]
     with _store_lock(uri):
         client = MlflowClient(uri)
     recs = sorted(((json.loads(p.read_text()), p) for p in records), key=lambda r: (r[0]["start_time"], r[0]["id"]))
@@ -246,14 +249,11 @@ def sync(spool: str | Path, uri: str | None = None) -> int:
         run = _retry(client.create_run, exp, start_time=rec["start_time"], run_name=rec["name"],
                      tags={**rec["tags"], "iar2_record": rec["id"]})
         rid = run.info.run_id
-        params = [Param(k, v) for k, v in rec["params"].items()]
-        for i in range(0, len(params), 100):  # MLflow's batch limits
-            _retry(client.log_batch, rid, params=params[i:i + 100])
-        metrics = [Metric(k, v, t, s) for k, v, t, s in rec["metrics"]]
-        for i in range(0, len(metrics), 1000):
-            _retry(client.log_batch, rid, metrics=metrics[i:i + 1000])
+        tracked = MLflowRun(client, rid)
+        tracked.log_params(rec["params"])
+        tracked.log_metric_rows(rec["metrics"])
         for rel, subdir in rec["artifacts"]:
-            _retry(client.log_artifact, rid, str(path.parent / rel), subdir)
+            tracked.log_artifact(path.parent / rel, subdir)
         _retry(client.set_terminated, rid, rec["status"], end_time=rec["end_time"])
         path.unlink()
         shutil.rmtree(path.parent / f"{rec['id']}.files", ignore_errors=True)

@@ -131,10 +131,10 @@ def test_spooled_runs_reach_the_store_once_each(tmp_path):
 
 
 def test_bad_tracking_mode_is_rejected_naming_the_values():
-    from iar2.config import ConfigError
-    from iar2.registry import load_plan
-    from iar2.config import load_yaml
     from pathlib import Path
+
+    from iar2.config import ConfigError, load_yaml
+    from iar2.registry import load_plan
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_yaml(root / "params" / "ci.yaml")
