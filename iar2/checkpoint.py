@@ -19,7 +19,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,7 +48,11 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); rerun the job that writes it") from None
 
 
 def load_meta(path: str | Path) -> dict:
@@ -159,40 +163,109 @@ def _prune(ckroot: Path, keep_last: int) -> None:
         p.rmdir()
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
+class CheckpointError(RuntimeError):
+    """A weights or checkpoint file that cannot be used as it is; the message names the file."""
+
+
+def _tmp_leftovers(ckroot: Path) -> list[Path]:
+    """Temporary siblings of atomic writes (`.step_0000100.xxxx.tmp/`, `.latest.xxxx.tmp`) a kill left behind."""
+    return [p for p in ckroot.glob(".*.tmp")] + [p for p in ckroot.glob(".*.old")] if ckroot.is_dir() else []
+
+
+def remove_leftovers(run_dir: str | Path) -> int:
+    """Delete what a killed save left behind in `run_dir/checkpoints` (never a complete checkpoint)."""
+    gone = 0
+    for p in _tmp_leftovers(Path(run_dir) / "checkpoints"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        gone += 1
+    if gone:
+        log.info("removed %d unfinished checkpoint write(s) left by a killed job in %s/checkpoints", gone, run_dir)
+    return gone
+
+
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run (meta.json written last), newest first: the `latest` pointer's, then
+    the others by step."""
     ckroot = Path(run_dir) / "checkpoints"
+    if not ckroot.is_dir():
+        return []
+
+    def step_of(p: Path) -> int:
+        try:
+            return int(json.loads((p / "meta.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1  # unreadable metadata: tried last (and then refused by the loader)
+
+    done = [p for p in ckroot.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").is_file()]
+    done.sort(key=lambda p: (step_of(p), p.name), reverse=True)
     ptr = ckroot / "latest"
     if ptr.is_file():
-        cand = ckroot / ptr.read_text().strip()
-        if (cand / "meta.json").is_file():
-            return cand
-    done = sorted(p for p in ckroot.glob("step_*") if (p / "meta.json").is_file())
-    return done[-1] if done else None
+        first = ckroot / ptr.read_text().strip()
+        if first in done:
+            done.remove(first)
+            done.insert(0, first)
+    return done
 
 
-def auto_resume_checkpoint(run_dir: str | Path, config: dict, resumable: set[str],
-                           move_stale: bool = True) -> Path | None:
-    """`--resume auto`: the run's latest checkpoint if it was written under this config (keys in `resumable`, such
-    as logging intervals, may differ); None if there is none. Checkpoints of another config are a different run
-    (the pipeline reruns a job because its config changed): they are moved to checkpoints.stale/ and training
-    starts over, instead of silently continuing the old run."""
-    from iar2.config import config_changes
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    c = checkpoint_candidates(run_dir)
+    return c[0] if c else None
 
-    ck = latest_checkpoint(run_dir)
-    if ck is None:
-        return None
-    old = json.loads((ck / "meta.json").read_text()).get("config", {})
-    changed = [k for k in config_changes(old, config) if k not in resumable]
-    if not changed:
-        return ck
-    log.warning("%s was written under another config (%s): starting over; old checkpoints -> checkpoints.stale/",
-                ck, ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
-    if move_stale:
-        stale = Path(run_dir) / "checkpoints.stale"
-        shutil.rmtree(stale, ignore_errors=True)
-        (Path(run_dir) / "checkpoints").rename(stale)
+
+def auto_resume_checkpoint(run_dir: str | Path, fp: dict, what: str, is_main: bool = True) -> bool:
+    """`--resume auto`: may the run's checkpoints be resumed? Only if they carry this job's fingerprint (same
+    effective config, same input contents, same format: iar2/fingerprint.py) and the run had not finished.
+    Otherwise they are moved to checkpoints.stale/ (one log line says what changed) and training starts over."""
+    from iar2 import fingerprint
+
+    if is_main:
+        remove_leftovers(run_dir)
+    return fingerprint.guard(Path(run_dir) / "checkpoints", fp, what, write=is_main)
+
+
+def load_newest_good(run_dir: str | Path, load: Callable[[Path], dict]) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint that loads (`load(folder) -> meta` raises on a bad one): a corrupt or unloadable
+    latest checkpoint falls back to the previous complete one, saying so. None when the run has none."""
+    tried = []
+    for ck in checkpoint_candidates(run_dir):
+        try:
+            return ck, load(ck)
+        except Exception as e:  # safetensors, JSON, shape and non-finite errors all mean "unusable"
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            log.warning("checkpoint %s cannot be loaded (%s); falling back to the previous one", ck, reason)
+            tried.append(f"{ck.name} ({reason})")
+    if tried:
+        raise CheckpointError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} can be loaded: {'; '.join(tried)}. "
+                              "Move that folder away to start the run over")
     return None
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights with NaN or Inf: such a checkpoint would make every resume fail."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{where}: non-finite values in {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else ""))
+
+
+def safe_torch_load(path: str | Path, map_location: str = "cpu"):
+    """torch.load of a released .pt/.pth/.bin file with weights_only=True (tensors and plain containers only).
+    A file that needs more is refused with a clear message: unpickling it could run code from the file."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: refused: the file holds pickled Python objects beyond tensors ({first[:200]}), "
+                              "and unpickling them could run code from the file. Use a tensors-only export (a "
+                              "state_dict saved with torch.save, or .safetensors) from a source you trust") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch weights file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def load_checkpoint(ckpt_dir: str | Path, modules: dict[str, torch.nn.Module] | None = None,
@@ -205,7 +278,9 @@ def load_checkpoint(ckpt_dir: str | Path, modules: dict[str, torch.nn.Module] | 
         raise FileNotFoundError(f"not a complete checkpoint (no meta.json): {ckpt_dir}")
     meta = json.loads(meta_path.read_text())
     for mname, m in (modules or {}).items():
-        m.load_state_dict(load_file(str(ckpt_dir / f"{mname}.safetensors"), device=map_location), strict=strict)
+        sd = load_file(str(ckpt_dir / f"{mname}.safetensors"), device=map_location)
+        check_finite(sd, f"{ckpt_dir}/{mname}.safetensors")
+        m.load_state_dict(sd, strict=strict)
     if optimizers:
         flat = load_file(str(ckpt_dir / "optim.safetensors"), device=map_location)
         for oname, opt in optimizers.items():

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 # (command words, module, one-line help). Keep in pipeline order: `iar2 --help` reads as the DAG.
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -87,17 +88,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     mod = importlib.import_module(args._module)
     runner = getattr(mod, "run_for", None)
-    from iar2.config import ConfigError  # late: keep `iar2 --help` light
+    # late imports: keep `iar2 --help` light
+    from iar2.checkpoint import CheckpointError
+    from iar2.config import ConfigError
+    from iar2.data.imagefolder import DatasetError
+    from iar2.io import UnwritableError, check_writable
+    from iar2.tracking import TrackingError
+    from iar2.training import NonFiniteError
 
+    # Errors a user can act on end in one line naming the file or key, not a traceback (-v shows it).
     try:
+        out = getattr(args, "out", None)
+        if out and args._words[0] not in ("report",):  # a folder (run dir) or a file: its folder must take files
+            check_writable(Path(out) if not Path(out).suffix else Path(out).parent)
         rc = runner(args._words, args) if runner else mod.run(args)
     except ConfigError as e:
-        print(f"iar2: invalid configuration: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, f"invalid configuration: {e}", 2)
     except FileNotFoundError as e:
-        print(f"iar2: {e}", file=sys.stderr)
-        return 3
+        return _fail(args, str(e), 3)
+    except (CheckpointError, DatasetError, UnwritableError, TrackingError, NonFiniteError) as e:
+        return _fail(args, str(e), 4)
     return int(rc or 0)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.verbose:
+        logging.exception("details")
+    print(f"iar2 {' '.join(args._words)}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ so a domain FID is never read as an ImageNet FID.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,30 +53,48 @@ def _reference_set(root, split, size, max_images, report):
     return ds, pick
 
 
-def _cache_key(ext, root, split, size, max_images, report) -> str:
+def _cache_fingerprint(ext, root, split, size, max_images, report) -> tuple[str, dict]:
+    """(cache slot, fingerprint) of a reference feature set: the slot names what is cached (extractor kind and
+    layer, data folder, split, size, count); the fingerprint also holds the contents it depends on (extractor
+    weights, the split's images via the data-check report) and the format (iar2/fingerprint.py)."""
     import hashlib
-    import json
 
-    w = Path(ext.weights_path)
-    stamp = [str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns] if w.is_file() else [str(w)]
-    blob = json.dumps([ext.kind, ext.layer_fid, stamp, str(Path(root).resolve()), split, size, max_images,
-                       str(report)], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    from iar2 import fingerprint
+    from iar2.data.imagefolder import data_digest
+
+    what = {"extractor": ext.kind, "layer": ext.layer_fid, "root": str(Path(root).resolve()), "split": split,
+            "size": size, "max_images": max_images}
+    slot = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    w = Path(ext.weights_path) if ext.weights_path else None
+    fp = fingerprint.fingerprint("reference_features", what, {
+        "extractor_weights": w if w is not None and w.exists() else None,
+        "data": data_digest(root, split, report)})
+    return slot, fp
 
 
 def reference_features(ext, root, split, size, max_images=None, report=None, cache_dir=None, device="auto",
                        batch_size=64) -> torch.Tensor:
-    """Pool features of the reference split, streamed in batches (no image kept) and cached on disk by
-    (extractor + weights, data root, split, size, count), so 50k-image references are computed once."""
-    from iar2.io import atomic_path
+    """Pool features of the reference split, streamed in batches (no image kept) and cached on disk, keyed by
+    what they depend on (extractor weights, the images' contents, split, size, count), so 50k-image references
+    are computed once and recomputed when any of that changes."""
+    from iar2 import fingerprint
+    from iar2.io import atomic_path, atomic_write_json
     from iar2.metrics import FeatureCollector, to_uint8
 
-    key = _cache_key(ext, root, split, size, max_images, report)
-    cached = Path(cache_dir) / f"ref-{key}.npz" if cache_dir else None
-    if cached is not None and cached.is_file():
-        log.info("reference features from cache %s", cached)
-        with np.load(cached) as d:
-            return torch.from_numpy(d["features"])
+    cached = stamp = fp = None
+    if cache_dir:
+        slot, fp = _cache_fingerprint(ext, root, split, size, max_images, report)
+        cached, stamp = Path(cache_dir) / f"ref-{slot}.npz", Path(cache_dir) / f"ref-{slot}.json"
+        old = json.loads(stamp.read_text()) if stamp.is_file() and cached.is_file() else None
+        if old == fp:
+            log.info("reference features from cache %s", cached)
+            with np.load(cached) as d:
+                return torch.from_numpy(d["features"])
+        if cached.is_file():
+            why = ", ".join(fingerprint.changes(old, fp)) if old else "no fingerprint (an older version wrote it)"
+            os.replace(cached, cached.with_suffix(".stale.npz"))
+            log.warning("reference features %s: %s; set aside as %s and recomputed", cached, why,
+                        cached.with_suffix(".stale.npz").name)
     ds, pick = _reference_set(root, split, size, max_images, report)
     col = FeatureCollector(ext, (ext.layer_fid,), device)
     for b in tqdm(range(0, len(pick), batch_size), desc="reference features", unit="batch"):
@@ -84,6 +104,7 @@ def reference_features(ext, root, split, size, max_images=None, report=None, cac
         with atomic_path(cached) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, features=feats.numpy(), root=str(root), split=split, size=size)
+        atomic_write_json(stamp, fp)
     return feats
 
 

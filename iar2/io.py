@@ -89,3 +89,23 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, array)
+
+
+class UnwritableError(OSError):
+    """A folder a job must write to cannot be written; the message names it."""
+
+
+def check_writable(folder: str | Path, what: str = "output folder") -> Path:
+    """Create `folder` if needed and prove it takes a file, when a job starts rather than after hours of work.
+    (A write test, not os.access: root passes every permission check, a read-only mount or a file in the way
+    does not.)"""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UnwritableError(f"{what} {folder} is not writable ({e.strerror or type(e).__name__}); "
+                              "fix its permissions or point the job elsewhere") from None
+    return folder

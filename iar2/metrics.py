@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from iar2.checkpoint import safe_torch_load
+
 log = logging.getLogger(__name__)
 
 INCEPTION_NAME = "inception-v3-compat"  # torch-fidelity's registry name
@@ -248,10 +250,7 @@ def inception_weights_path(weights_dir: str | Path | None = None) -> Path:
         path = find_weight("inception", weights_dir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}; offline, the domain extractor (--extractor domain) needs no download") from None
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means we must not hand it to torch-fidelity
-        raise ValueError(f"{path}: not a plain tensor state_dict ({e}); refusing to load it") from e
+    safe_torch_load(path)  # refuses anything but tensors before torch-fidelity loads it
     return Path(path)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from iar2.checkpoint import safe_torch_load
 from iar2.weights import find_weight
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class LPIPSVGG(FrozenDistance):
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
             self.lpips = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
-        trunk = vgg_trunk_state(torch.load(vgg_path, map_location="cpu", weights_only=True))
+        trunk = vgg_trunk_state(safe_torch_load(vgg_path))
         missing = sorted(set(self.lpips.net.state_dict()) - set(trunk))
         if missing:
             raise ValueError(f"{vgg_path} is not a torchvision VGG16 state dict (missing {missing[:4]}...)")
@@ -74,7 +75,7 @@ class LPIPSVGG(FrozenDistance):
         lin_path = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
         if not lin_path.is_file():
             raise FileNotFoundError(f"LPIPS linear weights not found: {lin_path} (reinstall lpips==0.1.4)")
-        lins = torch.load(lin_path, map_location="cpu", weights_only=True)
+        lins = safe_torch_load(lin_path)
         self.lpips.lins.load_state_dict({k[len("lin"):]: v for k, v in lins.items()
                                          if k.startswith("lin")}, strict=True)
         log.info("LPIPS-VGG: trunk from %s, linear layers from %s", vgg_path, lin_path)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from iar2.checkpoint import safe_torch_load
 from iar2.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ def load_mapping(path: str | Path, size: int | None = None) -> tuple[torch.Tenso
         mapping = load_weights(path)["mapping"]
         info = load_meta(path) if path.with_suffix(".json").is_file() else {}
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+        obj = safe_torch_load(path)  # never unpickle code
         if not torch.is_tensor(obj):
             raise ValueError(f"{path}: expected a bare LongTensor (IAR format), got {type(obj).__name__}")
         mapping, info = obj.clone(), {}

@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from iar2.checkpoint import load_meta, load_weights, save_weights
+from iar2.checkpoint import check_finite, load_meta, load_weights, save_weights
+from iar2.training import NonFiniteGuard, grad_norm
 from iar2.config import from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,9 @@ def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed
     log.info("training RefNet %s on %s: %d steps, batch %d, %d params", cfg, data_root, steps, batch_size,
              sum(p.numel() for p in net.parameters()))
     net.train()
+    # the reference network trains in one go (no checkpoints): a non-finite step stops it, naming the step
+    guard = NonFiniteGuard(0, what="refnet train")
+    guard.last_checkpoint = "none (the reference network trains in one go; rerun the job)"
     t0, it = time.time(), batches()
     correct = seen = 0
     bar = tqdm(range(steps), desc="refnet", unit="step")
@@ -202,7 +206,8 @@ def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        if guard.allow(step + 1, float(loss), "loss") and guard.allow(step + 1, grad_norm(net.parameters())):
+            opt.step()
         sched.step()
         correct += (logits.argmax(1) == y).sum().item()
         seen += y.numel()
@@ -217,6 +222,7 @@ def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed
             "data_root": str(data_root), "num_train": len(train_ds), "num_val": len(val_ds),
             "train_seconds": round(train_time, 2),
             "input": "float [-1,1] or uint8 [0,255], (B,3,H,W); resized to input_size for logits/pool features"}
+    check_finite(net.state_dict(), f"refnet weights after {steps} steps")
     save_weights(out, net.state_dict(), meta)
     log.info("RefNet val accuracy %.4f (chance %.4f) after %d steps (%.1f s); saved %s",
              val_acc, 1.0 / cfg.num_classes, steps, train_time, out)

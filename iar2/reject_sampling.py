@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iar2.checkpoint import safe_torch_load
+
 
 class Scorer:
     """p(label | image) for uint8 images (B, H, W, 3)."""
@@ -32,7 +34,7 @@ class Scorer:
 
             self.net = torchvision.models.resnet50()
             path = find_weight("resnet50", weights_dir)
-            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.net.load_state_dict(safe_torch_load(path))
             self.net = self.net.to(self.device).eval()
         else:
             raise ValueError(f"reject.classifier: {kind!r}; allowed values: 'domain', 'resnet50'")

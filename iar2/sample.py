@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from iar2 import fingerprint
 from iar2.ar.generate import SamplingConfig, generate
 from iar2.config import config_hash, load_config, to_dict
 from iar2.io import atomic_path, atomic_write_json
@@ -62,6 +64,16 @@ def decode_to_uint8(vq, tokens: torch.Tensor, grid: int, eval_size: int | None) 
     return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def chunk_fingerprint(cfg: SampleRunConfig, ar_path, vq_path) -> dict:
+    """What sample chunks depend on: the sampling config (not the batch size) and the weights' contents."""
+    rj = cfg.reject
+    return fingerprint.fingerprint("sample_chunks", to_dict(cfg), {
+        "ar": ar_path, "vq": vq_path,
+        "reject_net": rj.domain_net if rj.factor > 1 and rj.classifier == "domain" else None,
+        "reject_weights": rj.weights_dir if rj.factor > 1 and rj.classifier != "domain" else None},
+        ignore={"batch_size"})
+
+
 def plan(cfg: SampleRunConfig, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(global sample indices, labels) of the run; with reject sampling, factor x candidates per class."""
     classes = cfg.classes if cfg.classes is not None else list(range(cfg.num_classes or num_classes))
@@ -74,7 +86,7 @@ def sample_run(ar_path, vq_path, out, cfg: SampleRunConfig, job: int = 0, jobs: 
                grid: int = 0) -> Path | None:
     """Sample this process's chunks; merge when all exist. Returns samples.npz once complete."""
     from iar2.ar.train import load_ar
-    from iar2.distributed import init_distributed
+    from iar2.distributed import barrier, init_distributed
     from iar2.tokenizer.vq_model import load_vq
 
     info = init_distributed("auto")
@@ -82,7 +94,11 @@ def sample_run(ar_path, vq_path, out, cfg: SampleRunConfig, job: int = 0, jobs: 
     model = load_ar(ar_path, dev)
     vq = load_vq(vq_path, dev)
     out = Path(out)
-    (out / "chunks").mkdir(parents=True, exist_ok=True)
+    # finished chunks are reused only by a rerun of the same samples (iar2/fingerprint.py): same config (the batch
+    # size aside: images do not depend on it), same weights; anything else is set aside and sampled again
+    if info.is_main:
+        fingerprint.guard(out / "chunks", chunk_fingerprint(cfg, ar_path, vq_path), f"sample {out}")
+    barrier(info)
     idx, labels = plan(cfg, model.cfg.num_classes)
     n_chunks = (len(idx) + cfg.chunk_size - 1) // cfg.chunk_size
     workers = info.world_size * jobs
@@ -119,8 +135,6 @@ def sample_run(ar_path, vq_path, out, cfg: SampleRunConfig, job: int = 0, jobs: 
     bar.close()
     if todo:
         log.info("sampled %d images in %.1f s", bar.n, time.perf_counter() - t0)
-    from iar2.distributed import barrier
-
     barrier(info)  # every rank's chunks are on disk before anyone looks
     done = all((out / "chunks" / f"chunk_{k:05d}.npz").is_file() for k in range(n_chunks))
     if done and info.is_main:
@@ -171,6 +185,9 @@ def merge(out: Path, n_chunks: int, cfg: SampleRunConfig, ar_path, vq_path, png:
                                              "ar": str(ar_path), "vq": str(vq_path), "config": to_dict(cfg),
                                              "config_hash": config_hash(cfg)})
     log.info("merged %d samples into %s", len(images), out / "samples.npz")
+    # the chunks are in samples.npz now (at the paper scale they would double 10 GB per sample set), and a later
+    # run of this job is a recomputation: Snakemake reruns it only after a change or a --forcerun
+    shutil.rmtree(out / "chunks", ignore_errors=True)
     return out / "samples.npz"
 
 

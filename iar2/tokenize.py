@@ -159,7 +159,8 @@ def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: st
              max_images: int | None = None, max_chunks: int | None = None) -> dict | None:
     """Encode `data_root/split` into `out_dir` (module doc). Returns meta.json's content when complete, or
     None when stopped early by `max_chunks` (used to simulate a killed run)."""
-    from iar2.data.imagefolder import ImageFolderDataset, listing_fingerprint
+    from iar2.data.imagefolder import ImageFolderDataset, data_digest, listing_fingerprint
+    from iar2.fingerprint import FORMAT
     from iar2.tokenizer.vq_model import load_vq
 
     if aug not in AUGMENTATIONS:
@@ -183,29 +184,40 @@ def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: st
     num_aug = len(AUGMENTATIONS[aug])
     shape = (n, num_aug, levels, side * side)
     signature = {"vq_fingerprint": vq_fingerprint(model), "listing_sha256": listing_fingerprint(ds.samples[:n]),
+                 "data": data_digest(data_root, split, report), "format": FORMAT,
                  "aug": aug, "crop_range": crop_range if aug == "tencrop" else None, "image_size": image_size,
                  "batch_size": batch_size, "chunk_size": chunk, "shape": list(shape), "dtype": np.dtype(dtype).name}
 
     # --- where to start
     done = 0
+    old = None
     if resume and (out / META).is_file():
         meta = read_json(out / META)
         if meta.get("signature") == signature:
             log.info("%s is already complete; nothing to do", out)
             return meta
-        raise ValueError(f"{out} holds a different tokenization (other VQ, data or options); "
-                         "run without --resume to replace it")
-    if resume and (out / PROGRESS).is_file():
+        old = meta.get("signature") or {}
+    elif resume and (out / PROGRESS).is_file():
         prog = read_json(out / PROGRESS)
-        if prog.get("signature") != signature:
-            raise ValueError(f"{out}/{PROGRESS} was made with other settings (VQ, data, aug, sizes or batch); "
-                             "run without --resume to start over")
-        done = int(prog["done"])
-        log.info("resuming %s at image %d of %d", out, done, n)
-    else:
+        if prog.get("signature") == signature:
+            done = int(prog["done"])
+            log.info("resuming %s at image %d of %d", out, done, n)
+        else:
+            old = prog.get("signature") or {}
+    if done == 0:  # a fresh run: no stale pieces (those of other inputs are kept aside for inspection)
         out.mkdir(parents=True, exist_ok=True)
-        for name in (META, PROGRESS, CODES, LABELS, *PARTIAL.values()):  # a fresh run: no stale pieces
-            (out / name).unlink(missing_ok=True)
+        pieces = [out / name for name in (META, PROGRESS, CODES, LABELS, *PARTIAL.values()) if (out / name).is_file()]
+        if old is not None and pieces:
+            stale = out.with_name(out.name + ".stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            stale.mkdir()
+            for p in pieces:
+                os.replace(p, stale / p.name)
+            changed = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
+            log.warning("tokenize %s: %s changed since its rows were written; they are set aside in %s and "
+                        "recomputed", out, ", ".join(changed) or "the format", stale)
+        for p in pieces:
+            p.unlink(missing_ok=True)
 
     if done < n:
         if done == 0:

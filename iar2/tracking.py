@@ -32,20 +32,35 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from iar2.io import atomic_path, atomic_write_json
+from iar2.io import atomic_path, atomic_write_json, check_writable
 
 log = logging.getLogger(__name__)
 
 
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used (locked past the retries, unreachable); the message names it."""
+
+
+def _store() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", "(no MLFLOW_TRACKING_URI)")
+
+
 def _retry(fn, *args, attempts: int = 12, **kwargs):
+    """Call an MLflow client function, retrying with backoff (about 15 s in all) while the store is busy."""
     delay = 0.05
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # sqlite "database is locked" surfaces as several exception types
             msg = str(e).lower()
-            if i == attempts - 1 or not any(s in msg for s in ("locked", "busy", "unique constraint", "already exists")):
+            transient = any(s in msg for s in ("locked", "busy", "unique constraint", "already exists"))
+            if not transient:
                 raise
+            if i == attempts - 1:
+                raise TrackingError(f"MLflow store {_store()} stayed busy through {attempts} tries ({str(e)[:200]}); "
+                                    "another process holds it: wait for it or stop it, then rerun") from None
+            if i == 2:
+                log.warning("MLflow store %s is busy; retrying with backoff", _store())
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 2.0)
 
@@ -134,9 +149,25 @@ def _store_lock(uri: str):
     import fcntl
 
     db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    check_writable(db.parent, "MLflow store folder")
+    lock = db.with_name(db.name + ".lock")
+    timeout = float(os.environ.get("IAR2_MLFLOW_LOCK_TIMEOUT", "120"))
+    with open(lock, "a") as fh:
+        t0, delay, said = time.monotonic(), 0.05, False
+        while True:  # never block silently: a stuck holder is named after `timeout` seconds
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 > timeout:
+                    raise TrackingError(f"MLflow store {uri} is locked by another process (lock file {lock}) for "
+                                        f"over {timeout:.0f} s; stop that process or remove the stale lock holder, "
+                                        "then rerun (IAR2_MLFLOW_LOCK_TIMEOUT sets the wait)") from None
+                if not said:
+                    log.warning("waiting for the MLflow store lock %s (held by another process)", lock)
+                    said = True
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
         try:
             yield
         finally:
@@ -147,6 +178,7 @@ class SpooledRun(NullRun):
     """A run kept as a record in the spool folder until `sync` logs it (see the module docstring)."""
 
     def __init__(self, spool: Path, name: str, experiment: str, tags: dict):
+        check_writable(spool, "MLflow spool folder (IAR2_MLFLOW_SPOOL)")  # now, not after the job's work
         self.spool = spool
         self.run_id = uuid.uuid4().hex
         self.files = spool / f"{self.run_id}.files"

@@ -48,14 +48,20 @@ def test_two_jobs_equal_one_process_and_npz_layout(models, tmp_path):
 
 def test_resume_redoes_only_missing_chunks(models, tmp_path):
     ar, vq = models
+    first = np.load(sample_run(ar, vq, tmp_path / "whole", cfg()))["arr_0"]
+    assert not (tmp_path / "whole" / "chunks").exists()  # merged: the chunks are in samples.npz now
     out = tmp_path / "run"
-    first = np.load(sample_run(ar, vq, out, cfg()))["arr_0"]
-    done = out / "chunks" / "chunk_00000.npz"
-    stamp = done.stat().st_mtime_ns
-    (out / "chunks" / "chunk_00001.npz").unlink()  # as if killed before chunk 1 finished
-    (out / "samples.npz").unlink()
-    again = np.load(sample_run(ar, vq, out, cfg()))["arr_0"]
-    assert done.stat().st_mtime_ns == stamp  # finished chunks are not redone
+    assert sample_run(ar, vq, out, cfg(), job=0, jobs=2) is None  # chunks 0 and 2 done, as if killed then
+    seen = []
+    import iar2.sample as sample_mod
+
+    real = sample_mod.generate
+    sample_mod.generate = lambda model, labels, idx, sc: seen.extend(idx.tolist()) or real(model, labels, idx, sc)
+    try:
+        again = np.load(sample_run(ar, vq, out, cfg()))["arr_0"]
+    finally:
+        sample_mod.generate = real
+    assert sorted(seen) == [4, 5, 6, 7]  # chunks 0 and 2 were reused: only chunk 1's samples were drawn
     assert np.array_equal(first, again)
 
 

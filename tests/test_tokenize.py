@@ -96,19 +96,21 @@ def test_resume_equals_uninterrupted_run(tiny_data, vqs, flip_run, tmp_path, mon
     for name in ("codes.npy", "labels.npy"):
         assert np.array_equal(np.load(part / name), np.load(out / name))
     assert meta["signature"] == json.loads((out / "meta.json").read_text())["signature"]
-    # a complete folder resumes to a no-op; different settings are refused
+    # a complete folder resumes to a no-op; different settings are recomputed, the old rows set aside
     calls.clear()
     assert tokenize(vqs["dual"], tiny_data, "train", part, aug="flip", batch_size=8, chunk_size=16,
                     resume=True)["num_images"] == 80 and not calls
-    with pytest.raises(ValueError, match="different tokenization"):
-        tokenize(vqs["dual"], tiny_data, "train", part, aug="none", batch_size=8, chunk_size=16, resume=True)
+    meta = tokenize(vqs["dual"], tiny_data, "train", part, aug="none", batch_size=8, chunk_size=16, resume=True)
+    assert meta["aug"] == "none" and sum(calls) == 80 and (tmp_path / "part.stale" / "codes.npy").is_file()
 
 
-def test_resume_refuses_progress_from_other_settings(tiny_data, vqs, tmp_path):
+def test_resume_recomputes_progress_from_other_settings(tiny_data, vqs, tmp_path, caplog):
     part = tmp_path / "part"
     tokenize(vqs["dual"], tiny_data, "train", part, aug="flip", batch_size=8, chunk_size=8, max_chunks=1)
-    with pytest.raises(ValueError, match="other settings"):
-        tokenize(vqs["single"], tiny_data, "train", part, aug="flip", batch_size=8, chunk_size=8, resume=True)
+    with caplog.at_level("WARNING"):
+        meta = tokenize(vqs["single"], tiny_data, "train", part, aug="flip", batch_size=8, chunk_size=8, resume=True)
+    assert meta["levels"] == ["single"] and np.load(part / "codes.npy").shape[2] == 1
+    assert "vq_fingerprint" in caplog.text and "set aside" in caplog.text
 
 
 def test_tencrop_layout(tiny_data, vqs, tmp_path):

@@ -30,10 +30,13 @@ import yaml
 from tqdm import tqdm
 
 from iar2.ar.model import ARModel, ARModelConfig
-from iar2.checkpoint import auto_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from iar2 import fingerprint
+from iar2.checkpoint import (auto_resume_checkpoint, check_finite, load_checkpoint, load_newest_good, save_checkpoint,
+                             save_weights)
 from iar2.config import ConfigError, config_hash, load_config, to_dict
 from iar2.distributed import DistInfo, StepSampler, barrier, init_distributed, mix_seed, no_sync, unwrap, wrap_ddp
 from iar2.io import atomic_write_text
+from iar2.training import NonFiniteError, NonFiniteGuard, grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class ARTrainConfig:
     max_minutes: float | None = field(default=None, metadata={"min": 0.0})  # equal-time budget (Tables 5, 6)
     batch_size: int = field(default=256, metadata={"min": 1})  # global batch
     grad_accum: int = field(default=1, metadata={"min": 1})
-    lr: float = field(default=1e-4, metadata={"min": 0.0})
+    lr: float = field(default=1e-4, metadata={"min": 0.0, "max": 1.0})
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_end: float = field(default=0.0, metadata={"min": 0.0})  # cosine: final LR (Table 11: 1.5e-4 -> 5e-5)
     warmup_steps: int = field(default=0, metadata={"min": 0})
@@ -66,6 +69,8 @@ class ARTrainConfig:
     keep_last: int = field(default=2, metadata={"min": 1})
     log_every: int = field(default=50, metadata={"min": 1})
     num_workers: int = field(default=0, metadata={"min": 0})
+    # Steps with a NaN/Inf loss or gradient that may be skipped (never applied) before the run stops (iar2/training.py)
+    nonfinite_skips: int = field(default=0, metadata={"min": 0})
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -82,10 +87,6 @@ class ARRunConfig:
     name: str = "ar"
     model: ARModelConfig = field(default_factory=ARModelConfig)
     train: ARTrainConfig = field(default_factory=ARTrainConfig)
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 def check_against_tokens(cfg: ARRunConfig, meta: dict) -> None:
@@ -146,6 +147,7 @@ class ARTrainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tc.precision == "bf16" and dev.type == "cuda"
                          else nullcontext())
         self.gen = torch.Generator(device=dev)
+        self.guard = NonFiniteGuard(tc.nonfinite_skips, what=f"ar train {cfg.name}")
 
     def _wrap(self, model):
         tc = self.cfg.train
@@ -191,22 +193,32 @@ class ARTrainer:
             with no_sync(self.net, not last), self.autocast:
                 out = self.net(tokens, labels, self.gen)
                 loss, parts = self.model.loss(out, tokens)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {step}; the last checkpoint is kept")
+            # backward even when the loss is NaN: DDP ranks must all reduce; the norm below then sees it everywhere
             (loss / len(micro)).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / len(micro)
+        norm = grad_norm(self.net.parameters(), tc.grad_clip)
         if tc.grad_clip > 0:
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip))
-        self.opt.step()
+            sums["grad_norm"] = norm
+        finite = self.guard.allow(step + 1, sums["loss"], "loss") and self.guard.allow(step + 1, norm)
+        if finite:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         sums["lr"] = self.opt.param_groups[0]["lr"]
+        sums["skipped_steps"] = float(self.guard.skipped)
         return sums
 
 
-# Keys that may differ between a run and its resumption (they do not change the result).
+# Keys that may differ between a run and its resumption (they do not change the result; the tokens' content is
+# an input of the fingerprint, so their path may move).
 AR_RESUMABLE_CHANGES = {"train.log_every", "train.ckpt_every", "train.keep_last", "train.device", "train.num_workers",
                         "train.tokens"}
+
+
+def resume_fingerprint(cfg: ARRunConfig) -> dict:
+    """What an AR run's checkpoints depend on (iar2/fingerprint.py): its config and its tokens' content."""
+    return fingerprint.fingerprint("ar_train", to_dict(cfg), {"tokens": cfg.train.tokens},
+                                   ignore=AR_RESUMABLE_CHANGES)
 
 
 def steps_per_epoch(tc: ARTrainConfig, n: int) -> float:
@@ -266,15 +278,22 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
     trainer = ARTrainer(cfg, total, info)
     start, elapsed = 0, 0.0
     ckpt = None
-    if resume == "auto":
-        ckpt = auto_resume_checkpoint(run_dir, to_dict(cfg), AR_RESUMABLE_CHANGES, move_stale=info.is_main)
-    elif resume:
-        ckpt = Path(resume)
-    if ckpt is not None:
-        _, opt = trainer.state_for_checkpoint()
-        meta = load_checkpoint(ckpt, {"model": trainer.model}, {"opt": opt} if opt is not None else None,
+    _, opt = trainer.state_for_checkpoint()
+
+    def load(ck: Path) -> dict:
+        return load_checkpoint(ck, {"model": trainer.model}, {"opt": opt} if opt is not None else None,
                                map_location=str(info.device))
+
+    if resume in (None, "auto"):  # checkpoints of other inputs or of a finished run are set aside, not reused
+        reusable = auto_resume_checkpoint(run_dir, resume_fingerprint(cfg), f"ar train {cfg.name}", info.is_main)
+        found = load_newest_good(run_dir, load) if reusable and resume == "auto" else None
+        ckpt, meta = found if found else (None, None)
+    else:
+        ckpt, meta = Path(resume), load(Path(resume))
+    if ckpt is not None:
         start, elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+        trainer.guard.skipped = int(meta.get("nonfinite_skipped", 0))
+        trainer.guard.last_checkpoint = str(ckpt)
         log.info("resumed %s at step %d (%.1f min trained)", ckpt, start, elapsed / 60)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,10 +312,18 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
 
     def checkpoint(step, name=None):
         sd, opt = trainer.state_for_checkpoint()
-        meta = {"config": to_dict(cfg), "elapsed_s": elapsed, "epoch": step / spe}
+        meta = {"config": to_dict(cfg), "elapsed_s": elapsed, "epoch": step / spe,
+                "nonfinite_skipped": trainer.guard.skipped}
         if info.is_main:
-            save_checkpoint(run_dir, step, {"model": sd}, {"opt": opt} if opt is not None else None, meta,
-                            name=name, keep_last=tc.keep_last)
+            try:  # weights that went non-finite through finite gradients (a huge LR) are never written
+                check_finite(sd, f"weights after step {step}")
+            except Exception as e:
+                raise NonFiniteError(f"ar train {cfg.name}: {e}; not saved; last good checkpoint: "
+                                     f"{trainer.guard.last_checkpoint or 'none'}. Lower the learning rate or fix "
+                                     "the config, then resume (--resume auto)") from None
+            trainer.guard.last_checkpoint = str(save_checkpoint(
+                run_dir, step, {"model": sd}, {"opt": opt} if opt is not None else None, meta, name=name,
+                keep_last=tc.keep_last))
         barrier(info)
 
     it = iter(loader)
@@ -343,6 +370,8 @@ def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str |
     checkpoint(step)
     final = run_dir / "model.safetensors"
     export(trainer, final, step, step / spe, {"elapsed_s": elapsed})
+    if info.is_main:
+        fingerprint.mark_complete(run_dir / "checkpoints")  # a later run of this job is a recomputation
     return final
 
 

@@ -114,7 +114,57 @@ def listing_fingerprint(samples: list[tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
+def content_fingerprint(samples: list[tuple[str, int]], digests: list[str]) -> str:
+    """sha256 of the listing with each file's content digest: changes when any image's bytes change."""
+    h = hashlib.sha256()
+    for (rel, label), d in zip(samples, digests):
+        h.update(f"{rel}\t{label}\t{d}\n".encode())
+    return h.hexdigest()
+
+
+def read_report(report: str | Path | dict) -> dict:
+    """A data-check report, checked for the fields the pipeline reads (one clear error if malformed)."""
+    if isinstance(report, dict):
+        data, name = report, "(dict)"
+    else:
+        name = str(report)
+        try:
+            data = json.loads(Path(report).read_text())
+        except FileNotFoundError:
+            raise DatasetError(f"data-check report not found: {report} (write it with `iar2 data check`)") from None
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"data-check report {report} is unreadable ({type(e).__name__}: {e}); "
+                               "rerun `iar2 data check` to rewrite it") from None
+    ok = (isinstance(data, dict) and isinstance(data.get("splits"), dict) and isinstance(data.get("classes"), list)
+          and isinstance(data.get("bad"), list)
+          and all(isinstance(s, dict) and "listing_sha256" in s for s in data["splits"].values())
+          and all(isinstance(b, dict) and {"split", "path", "reason"} <= set(b) for b in data["bad"]))
+    if not ok:
+        raise DatasetError(f"data-check report {name} is malformed (expected classes, splits.<split>.listing_sha256 "
+                           "and bad[].split/path/reason); rerun `iar2 data check` to rewrite it")
+    return data
+
+
+def data_digest(root: str | Path, split: str, report: str | Path | None = None) -> str:
+    """Content digest of `root/split` for in-job cache keys (iar2/fingerprint.py): the data-check report's
+    content fingerprint when a report is given (the check reads every byte once), else every file hashed here."""
+    from iar2.fingerprint import tree_digest
+
+    if report is not None:
+        info = read_report(report)["splits"].get(split) or {}
+        if info.get("content_sha256"):
+            return "sha256:" + info["content_sha256"]
+    return "sha256:" + tree_digest(split_dir(root, split))
+
+
 # ----------------------------------------------------------------------------- verification
+
+def _inspect(path: str) -> tuple[str | None, str]:
+    """(why the file is unusable or None, sha256 of its bytes): one pass of `iar2 data check` over a file."""
+    from iar2.fingerprint import file_digest
+
+    return verify_image(path), file_digest(path)
+
 
 def verify_image(path: str | Path) -> str | None:
     """None if the file decodes completely to a non-empty image, else the reason it does not."""
@@ -134,6 +184,7 @@ class ScanResult:
     classes: list[str]
     samples: list[tuple[str, int]]  # every listed file (relative path, label)
     bad: dict[str, str] = field(default_factory=dict)  # relative path -> reason
+    digests: list[str] = field(default_factory=list)  # sha256 of each listed file's bytes (same order)
 
     @property
     def good(self) -> list[tuple[str, int]]:
@@ -145,7 +196,7 @@ class ScanResult:
             per_class[self.classes[label]]["bad" if rel in self.bad else "good"] += 1
         return {"num_files": len(self.samples), "num_good": len(self.samples) - len(self.bad),
                 "num_bad": len(self.bad), "listing_sha256": listing_fingerprint(self.samples),
-                "per_class": per_class}
+                "content_sha256": content_fingerprint(self.samples, self.digests), "per_class": per_class}
 
 
 def scan_imagefolder(root: str | Path, split: str, workers: int = 0, classes: list[str] | None = None,
@@ -160,18 +211,18 @@ def scan_imagefolder(root: str | Path, split: str, workers: int = 0, classes: li
     if workers > 0:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             reasons = []
-            for r in pool.map(verify_image, paths, chunksize=chunksize):
+            for r in pool.map(_inspect, paths, chunksize=chunksize):
                 reasons.append(r)
                 bar.update(1)
     else:
         reasons = []
         for p in paths:
-            reasons.append(verify_image(p))
+            reasons.append(_inspect(p))
             bar.update(1)
     bar.close()
-    bad = {rel: r for (rel, _), r in zip(samples, reasons) if r is not None}
+    bad = {rel: r for (rel, _), (r, _) in zip(samples, reasons) if r is not None}
     log.info("scanned %s/%s: %d images, %d unreadable", root, split, len(samples), len(bad))
-    return ScanResult(split, classes, samples, bad)
+    return ScanResult(split, classes, samples, bad, [d for _, d in reasons])
 
 
 def check_report(root: str | Path, splits: tuple[str, ...] = ("train", "val"), workers: int = 0) -> dict:
@@ -226,9 +277,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.bad_files)
 
     def _bad_from_report(self, report, listed) -> dict[str, str]:
-        if not isinstance(report, dict):
-            with open(report) as fh:
-                report = json.load(fh)
+        report = read_report(report)
         split_info = report.get("splits", {}).get(self.split)
         if split_info is None:
             raise DatasetError(f"the check report has no split {self.split!r} (has {sorted(report.get('splits', {}))})")

@@ -87,7 +87,7 @@ class VQTrainConfig:
     steps: int = field(default=1000, metadata={"min": 1})
     batch_size: int = field(default=128, metadata={"min": 1})  # global batch
     grad_accum: int = field(default=1, metadata={"min": 1})
-    lr: float = field(default=1e-4, metadata={"min": 0.0})
+    lr: float = field(default=1e-4, metadata={"min": 0.0, "max": 1.0})
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = field(default=0.0, metadata={"min": 0.0})
     grad_clip: float = field(default=1.0, metadata={"min": 0.0})
@@ -98,6 +98,8 @@ class VQTrainConfig:
     log_every: int = field(default=50, metadata={"min": 1})
     ckpt_every: int = field(default=500, metadata={"min": 1})
     keep_last: int = field(default=2, metadata={"min": 1})
+    # Steps with a NaN/Inf loss or gradient that may be skipped (never applied) before the run stops (iar2/training.py)
+    nonfinite_skips: int = field(default=0, metadata={"min": 0})
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""

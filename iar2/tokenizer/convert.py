@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from iar2.checkpoint import save_weights
+from iar2.checkpoint import safe_torch_load, save_weights
 from iar2.config import from_dict, to_dict
 from iar2.io import atomic_path
 from iar2.tokenizer.config import VQModelConfig
@@ -51,7 +51,7 @@ def read_original(path: str | Path, use_ema: bool = False) -> tuple[dict[str, to
                                 "vq_ds16_c2i.pt or IAR2's 0485000.pt, and pass its path)")
     # The training scripts store their argparse.Namespace under "args": allow exactly that class, nothing else.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_torch_load(path)
     info = {"args": {}, "steps": None}
     if isinstance(obj, dict) and isinstance(obj.get("args"), argparse.Namespace):
         info["args"] = vars(obj["args"])

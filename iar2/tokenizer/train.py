@@ -39,12 +39,15 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from iar2.checkpoint import (auto_resume_checkpoint, latest_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint,
+from iar2.checkpoint import (CheckpointError, auto_resume_checkpoint, check_finite, latest_checkpoint, load_checkpoint,
+                             load_newest_good, load_weights, rng_state, save_checkpoint,
                              save_weights, set_rng_state)
 from iar2.config import ConfigError, config_changes, config_hash, from_dict, load_config, to_dict
 from iar2.distributed import (DistInfo, StepSampler, StepSeededDataset, all_reduce_, average_gradients, barrier, cleanup,
                               init_distributed, no_sync, resolve_device, wrap_ddp)
+from iar2 import fingerprint
 from iar2.io import atomic_write_text
+from iar2.training import NonFiniteError, NonFiniteGuard, grad_norm
 from iar2.tracking import MetricsLogger
 from iar2.tokenizer.config import TokenizerRunConfig
 from iar2.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
@@ -58,6 +61,20 @@ TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "vq_tiny.yaml
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_last",
                      "train.device", "train.init_from", "data.num_workers", "data.root", "data.check_report",
                      "loss.domain_net", "loss.weights_dir"}
+
+
+def resume_fingerprint(cfg: TokenizerRunConfig) -> dict:
+    """What a tokenizer run's checkpoints depend on (iar2/fingerprint.py): the config (paths aside; more steps may
+    continue a run) and the content of what it reads: the train split, the perceptual network's weights and the
+    stage-1 weights it starts from."""
+    from iar2.data.imagefolder import data_digest
+
+    d, lc = cfg.data, cfg.loss
+    inputs = {"data": data_digest(d.root, "train", d.check_report) if Path(d.root).is_dir() else None,
+              "domain_net": lc.domain_net if lc.perceptual == "domain" and lc.domain_net else None,
+              "weights_dir": lc.weights_dir if lc.perceptual not in ("none", "domain") and lc.weights_dir else None,
+              "init_from": _stage1_weights(Path(cfg.train.init_from)) if cfg.train.init_from else None}
+    return fingerprint.fingerprint("vq_train", to_dict(cfg), inputs, ignore=RESUMABLE_CHANGES)
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -139,10 +156,6 @@ class CodebookStats:
 
 # ----------------------------------------------------------------------------- the trainer
 
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
 class VQTrainer:
     """Model, discriminator, losses and optimisers of one tokenizer run; `train_step` does one step."""
 
@@ -155,6 +168,7 @@ class VQTrainer:
         dev = self.info.device
         self.stage = tc.stage
         self.dual = cfg.model.quantizer != "single"
+        self.guard = NonFiniteGuard(tc.nonfinite_skips, what=f"vq train {cfg.name} ({tc.stage})")
 
         torch.manual_seed(tc.seed)  # initial weights are a function of the seed
         self.model = VQModel(cfg.model).to(dev)
@@ -282,12 +296,14 @@ class VQTrainer:
             self.stats.update(q.indices, self.level_names[:1] if mode == "semantic" else self.level_names)
             if gan:
                 fakes.append(recon.detach())
-        if not bool(all_reduce_(finite, info, "min")):
-            raise NonFiniteLossError(f"non-finite loss at step {step + 1} ({kind} step); no update was made")
-
+        loss_ok = bool(all_reduce_(finite, info, "min"))
         params = [p for name in names for g in self.optimizers[name].param_groups for p in g["params"]]
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        norm = grad_norm(params, tc.grad_clip)
+        if not (self.guard.allow(step + 1, 1.0 if loss_ok else math.nan, f"loss ({kind} step)")
+                and self.guard.allow(step + 1, norm)):
+            for o in self.optimizers.values():  # the step is skipped: nothing non-finite reaches the weights
+                o.zero_grad(set_to_none=True)
+            return
         for name in names:
             self.optimizers[name].step()
 
@@ -300,12 +316,13 @@ class VQTrainer:
                     d_loss = hinge_d_loss(self.disc(x).float(), self.disc(fake).float())
                 (d_loss / n).backward()
                 d_sum = d_sum + d_loss.detach() / n
-            if not bool(all_reduce_(torch.isfinite(d_sum).float(), info, "min")):
-                raise NonFiniteLossError(f"non-finite discriminator loss at step {step + 1}")
+            d_ok = bool(all_reduce_(torch.isfinite(d_sum).float(), info, "min"))
             average_gradients(self.disc.parameters(), info)
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), tc.grad_clip)
-            opt.step()
+            d_norm = grad_norm(self.disc.parameters(), tc.grad_clip)
+            if self.guard.allow(step + 1, 1.0 if d_ok else math.nan, "discriminator loss") \
+                    and self.guard.allow(step + 1, d_norm, "discriminator gradient norm"):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
             sums["disc"] = d_sum
         for k, v in sums.items():
             self._sums[prefix + k] = self._sums.get(prefix + k, 0.0) + v
@@ -332,8 +349,17 @@ class VQTrainer:
 
     def save(self, run_dir: Path, step: int, extra: dict | None = None) -> Path:
         meta = {"config": to_dict(self.cfg), "config_hash": config_hash(self.cfg), "rng": rng_state(),
-                **(extra or {})}
-        return save_checkpoint(run_dir, step, self.modules(), self.optimizers, meta, keep_last=self.cfg.train.keep_last)
+                "nonfinite_skipped": self.guard.skipped, **(extra or {})}
+        for name, m in self.modules().items():
+            try:  # weights that went non-finite through finite gradients (a huge LR) are never written
+                check_finite(m.state_dict(), f"{name} weights after step {step}")
+            except CheckpointError as e:
+                raise NonFiniteError(f"{self.guard.what}: {e}; not saved; last good checkpoint: "
+                                     f"{self.guard.last_checkpoint or 'none'}. Lower the learning rate or fix the "
+                                     "config, then resume (--resume auto)") from None
+        path = save_checkpoint(run_dir, step, self.modules(), self.optimizers, meta, keep_last=self.cfg.train.keep_last)
+        self.guard.last_checkpoint = str(path)
+        return path
 
     def load(self, ckpt: Path) -> dict:
         meta = load_checkpoint(ckpt, self.modules(), self.optimizers, map_location=str(self.info.device))
@@ -342,6 +368,8 @@ class VQTrainer:
             raise ConfigError(f"{', '.join(changed)}: differ from the checkpoint's config ({ckpt}); "
                               "resume with the same config or start a new run directory")
         set_rng_state(meta["rng"])
+        self.guard.skipped = int(meta.get("nonfinite_skipped", 0))
+        self.guard.last_checkpoint = str(ckpt)
         return meta
 
     def init_from_stage1(self, path: str | Path) -> None:
@@ -414,20 +442,27 @@ def _train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = No
         torch.backends.cudnn.allow_tf32 = True
 
     ckpt = None
-    if resume == "auto":
-        ckpt = auto_resume_checkpoint(run_dir, to_dict(cfg), RESUMABLE_CHANGES, move_stale=info.is_main)
-    elif resume:
+    if resume in (None, "auto"):  # checkpoints of other inputs or of a finished run are set aside, not reused
+        if resume is None and latest_checkpoint(run_dir) is not None:
+            raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
+                              "or choose a new run directory")
+        reusable = auto_resume_checkpoint(run_dir, resume_fingerprint(cfg), f"vq train {cfg.name} ({tc.stage})",
+                                          info.is_main)
+        if resume == "auto" and reusable:
+            ckpt = latest_checkpoint(run_dir)
+    else:
         ckpt = Path(resume)
-    elif latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
-                          "or choose a new run directory")
     if ckpt is None and tc.stage == "stage2" and not tc.init_from:
         raise ConfigError("train.init_from: stage2 starts from the stage-1 weights; set it to the stage-1 run folder")
 
     trainer = VQTrainer(cfg, info, perceptual=perceptual)
     start = 0
     if ckpt is not None:
-        start = int(trainer.load(ckpt)["step"])
+        if resume == "auto":  # a corrupt latest checkpoint falls back to the previous complete one
+            ckpt, meta = load_newest_good(run_dir, trainer.load)
+        else:
+            meta = trainer.load(ckpt)
+        start = int(meta["step"])
         log.info("resumed from %s at step %d", ckpt, start)
     elif tc.stage == "stage2":
         trainer.init_from_stage1(tc.init_from)
@@ -471,14 +506,13 @@ def _train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = No
                 if info.is_main:
                     last_ckpt = trainer.save(run_dir, done, {"epoch": sampler.epoch_of(done)})
                 barrier(info)
-    except NonFiniteLossError as e:
-        raise NonFiniteLossError(f"{e}; last good checkpoint: {last_ckpt or 'none'}") from None
     finally:
         bar.close()
     weights = None
     if end == tc.steps:
         if info.is_main:
             weights = export_weights(trainer, run_dir, end)
+            fingerprint.mark_complete(run_dir / "checkpoints")  # a later run of this job is a recomputation
         barrier(info)
     else:
         log.info("stopped after step %d of %d; continue with --resume auto", end, tc.steps)
