@@ -259,7 +259,8 @@ def safe_torch_load(path: str | Path, map_location: str = "cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        lines = [ln.strip() for ln in str(e).splitlines() if "global" in ln.lower() and "weights_only" not in ln]
+        first = lines[0] if lines else "a non-tensor object"
         raise CheckpointError(f"{path}: refused: the file holds pickled Python objects beyond tensors ({first[:200]}), "
                               "and unpickling them could run code from the file. Use a tensors-only export (a "
                               "state_dict saved with torch.save, or .safetensors) from a source you trust") from None

@@ -91,7 +91,8 @@ def reference_features(ext, root, split, size, max_images=None, report=None, cac
             with np.load(cached) as d:
                 return torch.from_numpy(d["features"])
         if cached.is_file():
-            why = ", ".join(fingerprint.changes(old, fp)) if old else "no fingerprint (an older version wrote it)"
+            why = ", ".join(fingerprint.changes(old, fp)) + " changed" if old else \
+                "no fingerprint (an older version wrote it)"
             os.replace(cached, cached.with_suffix(".stale.npz"))
             log.warning("reference features %s: %s; set aside as %s and recomputed", cached, why,
                         cached.with_suffix(".stale.npz").name)

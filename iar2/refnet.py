@@ -206,7 +206,7 @@ def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if guard.allow(step + 1, float(loss), "loss") and guard.allow(step + 1, grad_norm(net.parameters())):
+        if guard.allow(step + 1, float(loss.detach()), "loss") and guard.allow(step + 1, grad_norm(net.parameters())):
             opt.step()
         sched.step()
         correct += (logits.argmax(1) == y).sum().item()

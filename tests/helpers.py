@@ -1,11 +1,16 @@
-"""Builders shared by several test modules: a tiny VQ tokenizer, random images, tokenizer-run configs.
+"""Builders shared by several test modules: a tiny VQ tokenizer, random images, tokenizer-run configs, token sets
+and AR run configs.
 
 Test modules import them with `from helpers import ...` (tests/ is on sys.path under pytest's rootdir import mode).
 """
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import torch
 
+from iar2.ar.train import ARRunConfig
 from iar2.checkpoint import save_weights
 from iar2.config import deep_merge, from_dict, to_dict
 from iar2.tokenizer.config import TokenizerRunConfig, VQModelConfig
@@ -51,3 +56,30 @@ def make_cfg(root, base: dict | None = None, **sections) -> TokenizerRunConfig:
               "loss": {"perceptual": "none", "disc_start": 10**6, "disc_layers": 2, "disc_ndf": 8},
               "train": {"batch_size": 8, "device": "cpu"}}
     return from_dict(TokenizerRunConfig, deep_merge(deep_merge(common, base or {}), sections))
+
+
+def make_tokens(root, n=8, grid=4, vocab=(6, 10), num_classes=4, num_aug=2, seed=0):
+    """A token set in the `iar2 tokenize` layout: codes[image, aug, level, cell] + labels + meta.json."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    codes = np.stack([rng.integers(0, v, size=(n, num_aug, grid * grid)) for v in vocab], axis=2).astype(np.uint16)
+    labels = (np.arange(n) % num_classes).astype(np.int32)
+    np.save(root / "codes.npy", codes)
+    np.save(root / "labels.npy", labels)
+    meta = {"codes_file": "codes.npy", "labels_file": "labels.npy", "shape": list(codes.shape), "grid": [grid, grid],
+            "vocab_sizes": list(vocab), "num_classes": num_classes, "augmentations": [f"a{i}" for i in range(num_aug)]}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def run_config(tokens, paradigm="fused_hierarchical", vocab=(6, 10), **train_kw):
+    model = dict(dim=32, n_layer=2, n_head=2, paradigm=paradigm, head_layers=1, grid=4, num_classes=4,
+                 class_dropout=0.0, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+    if paradigm == "single":
+        model["vocab_size"] = vocab[0]
+    else:
+        model["semantic_size"], model["detail_size"] = vocab
+    train_cfg = dict(tokens=str(tokens), steps=12, batch_size=4, lr=3e-3, precision="fp32", device="cpu",
+                     log_every=4, ckpt_every=1000, seed=0)
+    train_cfg.update(train_kw)
+    return from_dict(ARRunConfig, {"name": "t", "model": model, "train": train_cfg})

@@ -8,36 +8,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from iar2.ar.train import ARRunConfig, NonFiniteLossError, load_ar, train
+from iar2.ar.train import ARRunConfig, load_ar, train
+from iar2.training import NonFiniteError
 from iar2.checkpoint import load_weights
 from iar2.config import ConfigError, from_dict
 
-
-def make_tokens(root, n=8, grid=4, vocab=(6, 10), num_classes=4, num_aug=2, seed=0):
-    """A token set in the `iar2 tokenize` layout: codes[image, aug, level, cell] + labels + meta.json."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    codes = np.stack([rng.integers(0, v, size=(n, num_aug, grid * grid)) for v in vocab], axis=2).astype(np.uint16)
-    labels = (np.arange(n) % num_classes).astype(np.int32)
-    np.save(root / "codes.npy", codes)
-    np.save(root / "labels.npy", labels)
-    meta = {"codes_file": "codes.npy", "labels_file": "labels.npy", "shape": list(codes.shape), "grid": [grid, grid],
-            "vocab_sizes": list(vocab), "num_classes": num_classes, "augmentations": [f"a{i}" for i in range(num_aug)]}
-    (root / "meta.json").write_text(json.dumps(meta))
-    return root
-
-
-def run_config(tokens, paradigm="fused_hierarchical", vocab=(6, 10), **train_kw):
-    model = dict(dim=32, n_layer=2, n_head=2, paradigm=paradigm, head_layers=1, grid=4, num_classes=4,
-                 class_dropout=0.0, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
-    if paradigm == "single":
-        model["vocab_size"] = vocab[0]
-    else:
-        model["semantic_size"], model["detail_size"] = vocab
-    train_cfg = dict(tokens=str(tokens), steps=12, batch_size=4, lr=3e-3, precision="fp32", device="cpu",
-                     log_every=4, ckpt_every=1000, seed=0)
-    train_cfg.update(train_kw)
-    return from_dict(ARRunConfig, {"name": "t", "model": model, "train": train_cfg})
+from helpers import make_tokens, run_config
 
 
 def test_tiny_iar2_overfits_a_tiny_token_set(tmp_path):
@@ -116,7 +92,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
         return (total * float("nan") if calls["n"] == 6 else total), parts
 
     monkeypatch.setattr(model_mod.ARModel, "loss", bad_loss)
-    with pytest.raises(NonFiniteLossError, match="step 5"):
+    with pytest.raises(NonFiniteError, match=r"step 6\b.*last good checkpoint: .*step_0000004"):
         train(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "step_0000004" / "meta.json").is_file()  # last good one kept
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pickle
 
 import pytest
 import torch
@@ -175,8 +174,14 @@ class _Payload:  # any class other than argparse.Namespace must be refused (weig
 def test_never_unpickles_arbitrary_objects(tmp_path):
     sd = to_original(tiny_vq("single").state_dict(), "single")
     torch.save({"model": sd, "evil": _Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    from iar2.checkpoint import CheckpointError
+    from iar2.cli import main
+
+    with pytest.raises(CheckpointError, match="_Payload") as e:
         import_checkpoint(tmp_path / "evil.pt", tmp_path / "x.safetensors", norm_groups=G)
+    assert "weights_only=False" not in str(e.value) and "weights_only set to False" not in str(e.value)
+    # the command line says it in one line, without a traceback
+    assert main(["vq", "import", str(tmp_path / "evil.pt"), str(tmp_path / "y.safetensors")]) == 4
 
 
 def test_default_llamagen_and_iar2_layout_counts():

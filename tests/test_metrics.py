@@ -208,8 +208,11 @@ def test_missing_inception_weights_names_file_and_command(monkeypatch, tmp_path)
 def test_inception_weights_refused_if_not_plain_tensors(monkeypatch, tmp_path):
     _isolate_torch_home(monkeypatch, tmp_path)
     torch.save({"when": datetime.datetime(2020, 1, 1)}, tmp_path / INCEPTION_FILE)  # needs full unpickling
-    with pytest.raises(ValueError, match="refusing"):
+    from iar2.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="refused") as e:
         resolve_extractor("inception", weights_dir=tmp_path)
+    assert "weights_only=False" not in str(e.value)  # never advise unpickling an untrusted file
 
 
 @pytest.mark.slow  # builds torch-fidelity's 24M-parameter InceptionV3 on the CPU (~10 s)

@@ -212,7 +212,7 @@ class ARTrainer:
 # Keys that may differ between a run and its resumption (they do not change the result; the tokens' content is
 # an input of the fingerprint, so their path may move).
 AR_RESUMABLE_CHANGES = {"train.log_every", "train.ckpt_every", "train.keep_last", "train.device", "train.num_workers",
-                        "train.tokens"}
+                        "train.tokens", "train.nonfinite_skips"}
 
 
 def resume_fingerprint(cfg: ARRunConfig) -> dict:

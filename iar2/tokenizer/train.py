@@ -60,7 +60,7 @@ TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "vq_tiny.yaml
 # step reached); everything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.ckpt_every", "train.keep_last",
                      "train.device", "train.init_from", "data.num_workers", "data.root", "data.check_report",
-                     "loss.domain_net", "loss.weights_dir"}
+                     "loss.domain_net", "loss.weights_dir", "train.nonfinite_skips"}
 
 
 def resume_fingerprint(cfg: TokenizerRunConfig) -> dict:

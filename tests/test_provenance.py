@@ -1,0 +1,276 @@
+"""Provenance-correct reruns: state a job keeps between its runs (sample chunks, checkpoints, tokenized rows, cached
+features) is reused only under the same config and input contents (iar2/fingerprint.py); non-finite training and
+broken files end in clear messages. Each scenario fails on a version that keyed such state by file name or config."""
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from iar2 import fingerprint
+from iar2.ar.model import ARModel, ARModelConfig
+from iar2.ar.train import train
+from iar2.checkpoint import save_weights
+from iar2.config import ConfigError, from_dict, load_config, to_dict
+from iar2.sample import SampleRunConfig, sample_run
+from iar2.tokenizer.config import VQModelConfig
+from iar2.tokenizer.vq_model import VQModel
+from iar2.training import NonFiniteError
+
+from helpers import make_tokens, run_config
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _save_ar(path, seed):
+    acfg = from_dict(ARModelConfig, dict(dim=32, n_layer=2, n_head=2, paradigm="fused_hierarchical", semantic_size=16,
+                                         detail_size=64, head_layers=1, grid=4, num_classes=3))
+    torch.manual_seed(seed)
+    ar = ARModel(acfg)
+    for p in ar.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    save_weights(path, ar.state_dict(), {"model_config": to_dict(acfg)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prov_models")
+    vcfg = VQModelConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
+                         quantizer="semantic_detail", semantic_size=16, detail_size=64)
+    torch.manual_seed(0)
+    save_weights(root / "vq.safetensors", VQModel(vcfg).state_dict(), {"model_config": to_dict(vcfg)})
+    return {"a": _save_ar(root / "a.safetensors", 0), "b": _save_ar(root / "b.safetensors", 1),
+            "vq": root / "vq.safetensors"}
+
+
+def scfg(**sampling):
+    return load_config(SampleRunConfig, data={"per_class": 3, "batch_size": 2, "chunk_size": 4,
+                                              "sampling": {"seed": 7, "guidance": {"mode": "static", "scale": 2.0},
+                                                           **sampling}})
+
+
+def _killed(ar, vq, out, cfg):
+    """A sampling job killed after some chunks: job 0 of 2 writes chunks 0 and 2 and stops."""
+    assert sample_run(ar, vq, out, cfg, job=0, jobs=2) is None
+    assert (out / "chunks" / "chunk_00000.npz").is_file()
+
+
+def test_changed_sampling_config_gives_new_samples(models, tmp_path, caplog):
+    out = tmp_path / "s"
+    _killed(models["a"], models["vq"], out, scfg())
+    new = scfg(temperature=[0.5, 0.5])
+    with caplog.at_level(logging.WARNING):
+        got = np.load(sample_run(models["a"], models["vq"], out, new))["arr_0"]
+    fresh = np.load(sample_run(models["a"], models["vq"], tmp_path / "fresh", new))["arr_0"]
+    old = np.load(sample_run(models["a"], models["vq"], tmp_path / "old", scfg()))["arr_0"]
+    assert np.array_equal(got, fresh) and not np.array_equal(got, old)
+    assert "config sampling.temperature changed" in caplog.text and (tmp_path / "s" / "chunks.stale").is_dir()
+
+
+def test_changed_weights_same_config_gives_new_samples(models, tmp_path, caplog):
+    out, ar = tmp_path / "s", tmp_path / "model.safetensors"
+    shutil.copy(models["a"], ar)
+    shutil.copy(models["a"].with_suffix(".json"), ar.with_suffix(".json"))
+    _killed(ar, models["vq"], out, scfg())
+    shutil.copy(models["b"], ar)  # the AR job reran: same path, same sampling config, new weights
+    with caplog.at_level(logging.WARNING):
+        got = np.load(sample_run(ar, models["vq"], out, scfg()))["arr_0"]
+    fresh = np.load(sample_run(models["b"], models["vq"], tmp_path / "fresh", scfg()))["arr_0"]
+    assert np.array_equal(got, fresh)
+    assert "input ar changed" in caplog.text
+
+
+def test_killed_sampling_resumes_from_its_chunks_bitwise(models, tmp_path, monkeypatch):
+    whole = np.load(sample_run(models["a"], models["vq"], tmp_path / "whole", scfg()))
+    out = tmp_path / "s"
+    _killed(models["a"], models["vq"], out, scfg())
+    import iar2.sample as sample_mod
+
+    drawn, real = [], sample_mod.generate
+    monkeypatch.setattr(sample_mod, "generate", lambda m, lab, idx, sc: drawn.extend(idx.tolist()) or real(m, lab, idx, sc))
+    again = np.load(sample_run(models["a"], models["vq"], out, scfg()))
+    assert sorted(drawn) == [4, 5, 6, 7]  # only the missing chunk was sampled
+    assert np.array_equal(whole["arr_0"], again["arr_0"]) and np.array_equal(whole["arr_1"], again["arr_1"])
+    assert (tmp_path / "whole" / "samples.npz").read_bytes() == (out / "samples.npz").read_bytes()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _weights(run):
+    from iar2.checkpoint import load_weights
+
+    return load_weights(run / "model.safetensors")
+
+
+def test_changed_tokens_same_config_restarts_training(tmp_path, caplog):
+    tok = make_tokens(tmp_path / "tok", seed=0)
+    cfg = run_config(tok, steps=6, ckpt_every=2)
+    train(cfg, tmp_path / "run", resume="auto", stop_after=4)  # killed after 4 of 6 steps
+    make_tokens(tmp_path / "tok", seed=1)  # the tokenizer changed: new tokens, same path, same AR config
+    with caplog.at_level(logging.WARNING):
+        train(cfg, tmp_path / "run", resume="auto")
+    assert "input tokens changed" in caplog.text and (tmp_path / "run" / "checkpoints.stale").is_dir()
+    make_tokens(tmp_path / "tok2", seed=1)
+    train(run_config(tmp_path / "tok2", steps=6, ckpt_every=2), tmp_path / "fresh")
+    a, b = _weights(tmp_path / "run"), _weights(tmp_path / "fresh")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same as training on the new tokens from scratch
+
+
+def test_finished_run_is_recomputed_when_rerun(tmp_path, caplog):
+    """`snakemake --forcerun ar_train` reruns a finished job: it trains again instead of re-exporting."""
+    tok = make_tokens(tmp_path / "tok")
+    cfg = run_config(tok, steps=4, ckpt_every=2)
+    train(cfg, tmp_path / "run", resume="auto")
+    first = _weights(tmp_path / "run")
+    (tmp_path / "run" / "model.safetensors").unlink()  # Snakemake removes a job's outputs before it runs
+    with caplog.at_level(logging.WARNING):
+        train(cfg, tmp_path / "run", resume="auto")
+    assert "had finished" in caplog.text
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["4"]  # logged anew from step 1 (log_every 4): a new run
+    again = _weights(tmp_path / "run")
+    assert all(torch.equal(first[k], again[k]) for k in first)  # deterministic: the same weights
+
+
+def test_non_finite_gradients_stop_clearly_and_resume_after_the_fix(tmp_path, monkeypatch):
+    tok = make_tokens(tmp_path / "tok")
+    cfg = run_config(tok, steps=8, ckpt_every=2)
+    from iar2.ar import train as train_mod
+
+    real = train_mod.grad_norm
+    calls = {"n": 0}
+
+    def spiky(params, clip=0.0):  # step 5's gradients are NaN (a transient spike)
+        params = list(params)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return real(params, clip)
+
+    monkeypatch.setattr(train_mod, "grad_norm", spiky)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient norm \(nan\) at step 5\b.*step_0000004"):
+        train(cfg, tmp_path / "run", resume="auto")
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_0000002", "step_0000004"]  # nothing after the spike
+    from iar2.checkpoint import load_weights
+
+    assert all(torch.isfinite(v).all() for v in load_weights(ck / "step_0000004" / "model.safetensors").values())
+    # the fix: allow one skipped step; the run resumes from step 4 (not from scratch) and finishes
+    calls["n"] = 4  # the spike comes back on the first resumed step (step 5 sees the same data)
+    train(run_config(tok, steps=8, ckpt_every=2, nonfinite_skips=1), tmp_path / "run", resume="auto")
+    assert calls["n"] == 8  # steps 5..8 only: resumed, not restarted
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["step"] == 8
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "run").values())
+
+
+def test_absurd_learning_rate_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.lr: 1e\+38 is out of range; allowed values: \[0.0, 1.0\]"):
+        run_config(make_tokens(tmp_path / "tok"), lr=1e38)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    tok = make_tokens(tmp_path / "tok")
+    cfg = run_config(tok, steps=8, ckpt_every=2, keep_last=3)
+    train(cfg, tmp_path / "whole")
+    train(cfg, tmp_path / "run", resume="auto", stop_after=6)  # killed after step 6
+    ck = tmp_path / "run" / "checkpoints"
+    latest = ck / (ck / "latest").read_text().strip()
+    assert latest.name == "step_0000006"
+    blob = (latest / "model.safetensors").read_bytes()
+    (latest / "model.safetensors").write_bytes(blob[: len(blob) // 2])  # a disk that lost half the file
+    (ck / ".step_0000008.abc.tmp").mkdir()  # and a save the kill interrupted
+    with caplog.at_level(logging.WARNING):
+        train(cfg, tmp_path / "run", resume="auto")
+    assert "step_0000006 cannot be loaded" in caplog.text and "falling back" in caplog.text
+    assert not (ck / ".step_0000008.abc.tmp").exists()
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 4: the same weights as never killed
+
+
+# ----------------------------------------------------------------------------- cached features, files, folders
+
+
+def test_reference_feature_cache_is_keyed_by_extractor_weights(tiny_data, tmp_path, caplog):
+    from iar2.generation_metrics import evaluate_samples
+    from iar2.refnet import RefNet, RefNetConfig
+
+    def refnet(seed):
+        rcfg = RefNetConfig(num_classes=10, input_size=16, widths=(8, 16), blocks=1, norm_groups=4)
+        torch.manual_seed(seed)
+        save_weights(tmp_path / "refnet.safetensors", RefNet(rcfg).state_dict(), {"model_config": to_dict(rcfg)})
+        return tmp_path / "refnet.safetensors"
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "g.npz", arr_0=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+             arr_1=np.arange(20) % 10)
+    kw = dict(extractor="domain", cache_dir=tmp_path / "cache", max_reference=40)
+    a = evaluate_samples(tmp_path / "g.npz", tiny_data, domain_net=refnet(0), **kw)
+    with caplog.at_level(logging.WARNING):
+        b = evaluate_samples(tmp_path / "g.npz", tiny_data, domain_net=refnet(1), **kw)  # same path, new weights
+    fresh = evaluate_samples(tmp_path / "g.npz", tiny_data, domain_net=refnet(1), extractor="domain",
+                             max_reference=40)
+    assert "input extractor_weights changed" in caplog.text
+    assert b["fid"] == pytest.approx(fresh["fid"], rel=1e-9) and b["fid"] != pytest.approx(a["fid"], rel=1e-6)
+
+
+def test_fingerprint_names_what_changed():
+    a = fingerprint.fingerprint("x", {"train": {"lr": 1, "log_every": 5}}, {"w": "sha256:aa"}, ignore={"train.log_every"})
+    b = fingerprint.fingerprint("x", {"train": {"lr": 2, "log_every": 9}}, {"w": "sha256:bb"}, ignore={"train.log_every"})
+    assert fingerprint.changes(a, b) == ["input w", "config train.lr"]
+    assert fingerprint.changes(a, {**a, "version": a["version"] + 1})[0].startswith("format version")
+
+
+def test_malformed_data_check_report_is_one_clear_line(tiny_data, tmp_path, capsys):
+    from iar2.cli import main
+
+    bad = tmp_path / "check.json"
+    bad.write_text('{"splits": {"train": {}}}')
+    rc = main(["refnet", "train", "--data", str(tiny_data), "--report", str(bad), "--steps", "2",
+               "--out", str(tmp_path / "r.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 4 and "malformed" in err and str(bad) in err and "Traceback" not in err
+    bad.write_text("{not json")
+    assert main(["refnet", "train", "--data", str(tiny_data), "--report", str(bad), "--steps", "2",
+                 "--out", str(tmp_path / "r.safetensors")]) == 4
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_unwritable_spool_fails_when_the_job_starts(tmp_path, monkeypatch, capsys):
+    from iar2.cli import main
+
+    tok = make_tokens(tmp_path / "tok")
+    blocker = tmp_path / "spool"
+    blocker.write_text("a file where the spool folder should be")  # (root passes chmod checks; this it cannot)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("IAR2_MLFLOW_SPOOL", str(blocker))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(to_dict(run_config(tok, steps=4))))
+    rc = main(["ar", "train", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 4 and "spool" in err and "not writable" in err
+    assert not (tmp_path / "run" / "checkpoints" / "step_0000004").exists()  # failed before any training
+
+
+def test_locked_mlflow_store_is_named_not_waited_on_forever(tmp_path, monkeypatch):
+    import fcntl
+
+    from iar2 import tracking
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.delenv("IAR2_MLFLOW_SPOOL", raising=False)
+    monkeypatch.setenv("IAR2_MLFLOW_LOCK_TIMEOUT", "0.5")
+    with open(tmp_path / "mlflow.db.lock", "a") as held:  # another process's lock (flock is per open file)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(tracking.TrackingError, match=r"locked by another process \(lock file .*mlflow.db.lock"):
+            with tracking.start_run("x"):
+                pass
