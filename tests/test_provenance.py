@@ -274,3 +274,58 @@ def test_locked_mlflow_store_is_named_not_waited_on_forever(tmp_path, monkeypatc
         with pytest.raises(tracking.TrackingError, match=r"locked by another process \(lock file .*mlflow.db.lock"):
             with tracking.start_run("x"):
                 pass
+
+
+# ----------------------------------------------------------------------------- end to end: one changed Table 9 cell
+
+
+def _sections(md: str) -> dict[str, str]:
+    """report.md's table sections by heading (provenance and rerun lines included)."""
+    body = md.split("## Tables", 1)[1].split("## Figures", 1)[0]
+    return {part.split("\n", 1)[0]: part for part in body.split("\n### ")[1:]}
+
+
+def _table_rows(section: str) -> list[str]:
+    return [ln for ln in section.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
+
+
+@pytest.mark.slow
+def test_one_changed_table9_value_reruns_only_that_cell(ci_workspace_root, tmp_path):
+    """On a finished ci run, moving one Table 9 cell (PAG end 2.5 -> 2.25) plans only that cell's sampling and
+    metrics (plus the index, summary and report), and afterwards only that cell of the report differs."""
+    import subprocess
+    from collections import Counter
+
+    import yaml
+
+    from test_workflow import job_counts
+
+    ws = shutil.copytree(ci_workspace_root, tmp_path / "ws", symlinks=True)
+    before = (ws / "reports" / "ci" / "report.md").read_text()
+    x = yaml.safe_load((ws / "params" / "experiments.yaml").read_text())
+    cells = x["tables"]["table9"]["rows"][0]["for"]["start,end"]
+    cells[cells.index([1.75, 2.5])] = [1.75, 2.25]
+    overlay = tmp_path / "t9.yaml"
+    overlay.write_text(yaml.safe_dump({"experiments": {"tables": {"table9": {"rows": x["tables"]["table9"]["rows"]}}},
+                                       "restrict": {"end": [2.25, 3.0]}}))
+
+    def smk(*args):
+        return subprocess.run(["snakemake", "--cores", "2", "reproduce_all", "--config", "scale=ci", "--configfile",
+                               str(overlay), *args], cwd=ws, capture_output=True, text=True, timeout=1500)
+
+    plan = smk("-n")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    counts = job_counts(plan.stdout)
+    assert counts == Counter({"sample": 1, "gen_metrics": 1, "registry_index": 1, "summary": 1, "report": 1,
+                              "reproduce_all": 1}), counts
+    assert "pag-1.75-2.25" in plan.stdout and "pag-1.75-3.0/samples" not in plan.stdout
+    run = smk()
+    assert run.returncode == 0, run.stderr[-3000:]
+    after = (ws / "reports" / "ci" / "report.md").read_text()
+    a, b = _sections(before), _sections(after)
+    assert a.keys() == b.keys()
+    changed = [k for k in a if a[k] != b[k]]
+    assert len(changed) == 1 and changed[0].startswith("Table 9"), changed
+    gone = set(_table_rows(a[changed[0]])) - set(_table_rows(b[changed[0]]))
+    new = set(_table_rows(b[changed[0]])) - set(_table_rows(a[changed[0]]))
+    assert len(gone) == len(new) == 1 and "2.5" in gone.pop() and "2.25" in new.pop()
