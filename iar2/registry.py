@@ -113,6 +113,38 @@ def parse_guidance(gid: str) -> dict:
     return {"guidance": g, "reject": bool(m["reject"]), "grid": bool(m["grid"])}
 
 
+# Figure lists `Plan._figure` shortens with the scale's `restrict` (sweep variable -> the figure's key), by kind.
+FIGURE_SWEEPS = {"cfg_sweep": {"size": "models", "static": "static"},
+                 "scaling": {"family": "families", "size": "sizes"},
+                 "epochs": {"family": "families", "epochs": "epochs"},
+                 "loss_curves": {"size": "sizes"}}
+
+
+def sweep_variables(experiments: dict) -> dict[str, list]:
+    """Every variable a scale may `restrict`, with the values the registry sweeps it over (first-seen order):
+    the `for:` names of table rows and figures, and the figure lists of FIGURE_SWEEPS."""
+    out: dict[str, list] = {}
+
+    def add(name, values):
+        seen = out.setdefault(name, [])
+        seen.extend(v for v in values if v not in seen)
+
+    def loops(entry):
+        for names, values in ((entry or {}).get("for") or {}).items():
+            names = [n.strip() for n in str(names).split(",")]
+            for i, n in enumerate(names):
+                add(n, [v[i] if len(names) > 1 else v for v in values or []])
+
+    for t in (experiments.get("tables") or {}).values():
+        for row in t.get("rows") or []:
+            loops(row)
+    for f in (experiments.get("figures") or {}).values():
+        loops(f)
+        for name, key in FIGURE_SWEEPS.get(f.get("kind"), {}).items():
+            add(name, f.get(key) or [])
+    return out
+
+
 # ----------------------------------------------------------------------------- the plan
 
 @dataclass
@@ -145,10 +177,10 @@ class Plan:
     def __init__(self, experiments: dict, scale: dict):
         self.x = copy.deepcopy(experiments)
         self.s = scale
-        self.results = scale["results"]
         self.restrict = scale.get("restrict", {}) or {}
-        self.families = self.x["families"]
         self._check_scale()
+        self.results = scale["results"]
+        self.families = self.x["families"]
         self.tokenizers: dict[str, dict] = {}
         for name, entry in self.x["tokenizers"].items():
             for env, spec in expand({**entry, "_id": name}, {}, self.families, f"tokenizers.{name}"):
@@ -173,23 +205,21 @@ class Plan:
 
     # -- scale checks
     def _check_scale(self):
-        for key in ("grids", "codebooks", "ar", "tokenizer", "sampling"):
-            if key not in self.s:
-                raise ConfigError(f"{key}: missing from the scale file (params/{self.s.get('scale')}.yaml)")
-        sizes = self.s["ar"].get("sizes", {})
-        for k in sizes:
-            if k.split("-")[0] not in SIZES:
-                raise ConfigError(f"ar.sizes.{k}: unknown size; allowed values: " + ", ".join(SIZES)
-                                  + " (optionally -<grid>, e.g. XXL-24)")
+        """The scale file's shape (keys, types, ranges: workflow/schemas/scale.schema.yaml), then what only the
+        registry knows: `restrict:` names must be sweep variables and its values values of those sweeps (a
+        misspelt one would silently keep a whole sweep, or drop every row)."""
+        from iar2.scale_schema import check_scale, close_match
+
+        check_scale(self.s)
+        sweeps = sweep_variables(self.x)
         for name, values in self.restrict.items():
-            if not isinstance(values, list):
-                raise ConfigError(f"restrict.{name}: expected a list of the values to keep")
-        tracking = self.s.get("tracking", {}) or {}
-        if not isinstance(tracking, dict) or set(tracking) - {"mode"}:
-            raise ConfigError("tracking: expected {mode: live | spool}")
-        if tracking.get("mode", "live") not in ("live", "spool"):
-            raise ConfigError(f"tracking.mode: {tracking['mode']!r}; allowed values: live (jobs log to the store as "
-                              "they run), spool (jobs write records, logged when the workflow ends)")
+            if name not in sweeps:
+                raise ConfigError(f"restrict.{name}: not a sweep variable of the registry; allowed keys: "
+                                  + ", ".join(sorted(sweeps)) + close_match(name, sweeps))
+            unknown = [v for v in values if v not in sweeps[name]]
+            if unknown:
+                raise ConfigError(f"restrict.{name}: {', '.join(map(repr, unknown))} not in the registry's sweep "
+                                  f"of {name}; allowed values: " + ", ".join(map(str, sweeps[name])))
 
     # -- helpers
     def codebook(self, n: int) -> int:
@@ -425,7 +455,8 @@ class Plan:
                 model[k] = self.codebook(int(model[k]))
         raw = deep_merge(tb["base"], {"model": model})
         raw = deep_merge(raw, {"name": f"{tok}-{stage}" if stage != "single" else tok,
-                               "data": {"root": self.s["data"]["root"]},
+                               "data": {"root": self.s["data"]["root"],
+                                        "check_report": f"{self.results}/data/check.json"},
                                "loss": {"domain_net": f"{self.results}/refnet/refnet.safetensors"},
                                "train": {"stage": stage}})
         if stage == "stage1":
