@@ -12,7 +12,7 @@ from snakemake.utils import validate
 
 from iar2.config import ConfigError, deep_merge
 from iar2.registry import load_plan, write_index, write_loss_curves, write_summary
-from iar2.scale_schema import schema_errors
+from iar2.scale_schema import check_scale
 
 
 def _load_scale(cfg):
@@ -30,8 +30,9 @@ config.update(_load_scale(config))
 # fragment; ours names the dotted key, the allowed keys or values and the closest match of a misspelt key.
 try:
     validate(config, "../schemas/scale.schema.yaml", set_default=False)
-except WorkflowError as e:
-    raise ConfigError("the scale config is invalid:\n  " + "\n  ".join(schema_errors(config) or [str(e)])) from None
+except WorkflowError:
+    check_scale(config)  # the same schema: raises ConfigError, one line per problem
+    raise
 PLAN = load_plan(workflow.basedir, config)  # raises ConfigError naming the key and the allowed values
 # (Snakemake exports OMP_NUM_THREADS = the rule's threads, so two 1-thread torch jobs share two cores
 # without spinning against each other.)
