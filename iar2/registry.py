@@ -208,7 +208,8 @@ class Plan:
         """The scale file's shape (keys, types, ranges: workflow/schemas/scale.schema.yaml), then what only the
         registry knows: `restrict:` names must be sweep variables and its values values of those sweeps (a
         misspelt one would silently keep a whole sweep, or drop every row)."""
-        from iar2.scale_schema import check_scale, close_match
+        from iar2.config import close_match
+        from iar2.scale_schema import check_scale
 
         check_scale(self.s)
         sweeps = sweep_variables(self.x)
@@ -467,7 +468,7 @@ class Plan:
             raw["loss"].pop("domain_net")
         from iar2.tokenizer.config import TokenizerRunConfig
 
-        return to_dict(from_dict(TokenizerRunConfig, raw))
+        return to_dict(from_dict(TokenizerRunConfig, raw, "tokenizer"))  # errors: tokenizer.model: ...
 
     def stages(self, tok: str) -> list[str]:
         return ["stage1", "stage2"] if self.tokenizers[tok]["model"]["quantizer"] == "semantic_detail" else ["single"]
@@ -506,7 +507,7 @@ class Plan:
         if es is not None:
             train["epoch_steps"] = float(es)
         raw = deep_merge(raw, {"name": rid, "train": train})
-        cfg = to_dict(from_dict(ARRunConfig, raw))
+        cfg = to_dict(from_dict(ARRunConfig, raw, "ar"))
         if _for_key:  # identity of a run: everything but its name and how long it trains
             cfg = copy.deepcopy(cfg)
             for k in ("epochs", "ckpt_epochs"):
@@ -527,7 +528,7 @@ class Plan:
                 raw = deep_merge(raw, {"reject": {"domain_net": f"{self.results}/refnet/refnet.safetensors"}})
         if p["grid"]:
             raw = deep_merge(raw, sb.get("grid", {}))
-        return to_dict(from_dict(SampleRunConfig, raw))
+        return to_dict(from_dict(SampleRunConfig, raw, "sampling"))
 
     # -- what the DAG builds
     def token_sets(self) -> list[tuple[str, int]]:

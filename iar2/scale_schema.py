@@ -7,13 +7,12 @@ mean 'restrict'?". The registry (iar2/registry.py) calls `check_scale` too, so i
 """
 from __future__ import annotations
 
-import difflib
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
-from iar2.config import ConfigError
+from iar2.config import ConfigError, close_match
 
 SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "scale.schema.yaml"
 
@@ -24,12 +23,6 @@ def _validator(path: str):
 
     schema = yaml.safe_load(Path(path).read_text())
     return jsonschema.Draft202012Validator(schema)
-
-
-def close_match(name, allowed) -> str:
-    """"; did you mean 'x'?" for the allowed name closest to `name`, or "" when none is close."""
-    m = difflib.get_close_matches(str(name), [str(a) for a in allowed], n=1, cutoff=0.6)
-    return f"; did you mean {m[0]!r}?" if m else ""
 
 
 def _key(path, root) -> str:

@@ -79,6 +79,9 @@ def test_every_scale_file_fits_the_schema():
     (lambda s: s.update(results="results/{scale}"), "results: 'results/{scale}' is not allowed"),  # a wildcard
     (lambda s: s.update(resources={"vq_trian": {"gpu": 1}}), "did you mean 'vq_train'?"),
     (lambda s: s.pop("codebooks"), "codebooks: required key is missing"),
+    # run-config sections: their dataclasses name the key (and the scale section) the same way
+    (lambda s: s["tokenizer"]["base"]["model"].update(chh=8), "tokenizer.model: unknown key(s) chh; allowed keys: "),
+    (lambda s: s["sampling"]["base"].update(per_clas=2), "did you mean 'per_class'?"),
 ])
 def test_schema_names_the_key_and_what_is_allowed(edit, message):
     s = _scale("default")
