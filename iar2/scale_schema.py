@@ -46,8 +46,7 @@ def _explain(error, root) -> list[str]:
     at = f"{key}: " if key else ""
     v, schema, inst = error.validator, error.schema, error.instance
     if "propertyNames" in error.relative_schema_path or "propertyNames" in error.schema_path:
-        names = error.schema if isinstance(error.schema, dict) else {}
-        return [f"{at}key {inst!r} is not allowed{_describe(names) or ''}"]
+        return [f"{at}key {inst!r} is not allowed{_describe(schema)}"]
     if v == "additionalProperties" and schema.get("additionalProperties") is False:
         allowed = sorted(schema.get("properties", {}))
         extra = [k for k in inst if k not in schema.get("properties", {})]
@@ -70,7 +69,7 @@ def _explain(error, root) -> list[str]:
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
         return [f"{at}{inst!r} is out of range; allowed values: {op} {error.validator_value}"]
     if v == "pattern":
-        return [f"{at}{inst!r} is not allowed{_describe(schema) or ' (must match ' + repr(error.validator_value) + ')'}"]
+        return [f"{at}{inst!r} is not allowed" + (_describe(schema) or f" (must match {error.validator_value!r})")]
     if v in ("oneOf", "anyOf") and error.context:
         # the one alternative that failed on more than the type says most (ar.epoch_steps: 0 is out of range)
         specific = [e for e in error.context if e.validator != "type"]
