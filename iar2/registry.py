@@ -113,7 +113,7 @@ def parse_guidance(gid: str) -> dict:
     return {"guidance": g, "reject": bool(m["reject"]), "grid": bool(m["grid"])}
 
 
-# Figure lists `Plan._figure` shortens with the scale's `restrict` (sweep variable -> the figure's key), by kind.
+# The figure lists a scale may shorten with `restrict`, by figure kind: sweep variable -> the figure's key.
 FIGURE_SWEEPS = {"cfg_sweep": {"size": "models", "static": "static"},
                  "scaling": {"family": "families", "size": "sizes"},
                  "epochs": {"family": "families", "epochs": "epochs"},
@@ -327,7 +327,9 @@ class Plan:
     def _figure(self, fid: str, f: dict) -> dict:
         kind = f["kind"]
         out = {"title": f["title"], "kind": kind}
-        keep = lambda name, vals: [v for v in vals if name not in self.restrict or v in self.restrict[name]]
+        # the figure's list swept by `name` (FIGURE_SWEEPS), shortened by the scale's restrict
+        keep = lambda name: [v for v in f[FIGURE_SWEEPS[kind][name]]
+                             if name not in self.restrict or v in self.restrict[name]]
         if kind == "code_distance":
             out["series"] = []
             for tok in f["tokenizers"]:
@@ -346,10 +348,10 @@ class Plan:
                                       "is": self._metric_sources(ss, ["is"])["is"]})
         elif kind == "cfg_sweep":
             out["series"] = []
-            for size in keep("size", f["models"]):
+            for size in keep("size"):
                 spec = {**f["run"], "size": size}
                 pts = []
-                for scale in keep("static", f["static"]):
+                for scale in keep("static"):
                     ss = self._sample({"run": spec, "epoch": f["epoch"], "guidance": f"static-{scale}"},
                                       f"figures.{fid}", fid)
                     pts.append({"x": scale, **self._metric_sources(ss, ["fid", "is"])})
@@ -358,9 +360,9 @@ class Plan:
                                       "pag": {**self._metric_sources(pag, ["fid", "is"]), "guidance": pag.guidance}})
         elif kind == "scaling":
             out["series"] = []
-            for fam in keep("family", f["families"]):
+            for fam in keep("family"):
                 pts = []
-                for size in keep("size", f["sizes"]):
+                for size in keep("size"):
                     ss = self._sample({"run": {"family": fam, "size": size, "grid": f["grid"]}, "epoch": f["epoch"],
                                        "guidance": "main"}, f"figures.{fid}", fid)
                     pts.append({"x": size, "params_file": f"ar/{ss.run}/model.json",
@@ -368,9 +370,9 @@ class Plan:
                 out["series"].append({"label": self.families[fam]["label"], "points": pts})
         elif kind == "epochs":
             out["series"] = []
-            for fam in keep("family", f["families"]):
+            for fam in keep("family"):
                 pts = []
-                for ep in keep("epochs", f["epochs"]):
+                for ep in keep("epochs"):
                     ss = self._sample({"run": {"family": fam, "size": f["size"], "grid": f["grid"]}, "epoch": ep,
                                        "guidance": f["guidance"]}, f"figures.{fid}", fid)
                     pts.append({"x": ep, **self._metric_sources(ss, ["fid", "is"])})
@@ -378,7 +380,7 @@ class Plan:
         elif kind == "loss_curves":
             out["file"] = "analysis/loss_curves.csv"
             out["series"] = []
-            for size in keep("size", f["sizes"]):
+            for size in keep("size"):
                 rid = self._run({"family": "iar2", "size": size, "grid": f["grid"]}, f"figures.{fid}", fid)
                 out["series"].append({"label": f"IAR2-{size}", "run": f"ar/{rid}"})
         elif kind == "grid":
