@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -37,6 +38,42 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "train"), "iar2.bench", "benchmark AR training tokens/s per prediction paradigm"),
     (("bench", "sample"), "iar2.bench", "benchmark sampling images/s per paradigm, with/without KV cache, CFG mode"),
 ]
+
+
+# ----------------------------------------------------------------------------- argparse types with a range
+# Numeric options use these instead of int/float, so `--steps -3` stops at parsing with a message naming the
+# option and the range, not deep in a run (or, worse, a run that silently does nothing).
+
+def _number(kind, lo=None, hi=None, lo_open=False, what=""):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) or \
+                (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 1, what="a positive integer (>= 1)")
+nonneg_int = _number(int, 0, what="a non-negative integer (>= 0)")
+positive_float = _number(float, 0.0, lo_open=True, what="a positive number (> 0)")
+nonneg_float = _number(float, 0.0, what="a non-negative number (>= 0)")
+unit_float = _number(float, 0.0, 1.0, lo_open=True, what="a fraction in (0, 1]")
+
+
+def int_range(lo: int, hi: int):
+    """An integer in [lo, hi]."""
+    return _number(int, lo, hi, what=f"an integer in [{lo}, {hi}]")
+
+
+def float_min(lo: float):
+    """A number >= lo."""
+    return _number(float, lo, what=f"a number >= {lo:g}")
 
 
 def _group_help(words: tuple[str, ...]) -> str:

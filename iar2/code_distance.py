@@ -154,20 +154,21 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_float, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ tokenizer (.safetensors with its .json, or a checkpoint folder)")
     p.add_argument("--data", required=True, help="ImageFolder root holding <split>/<class>/<images>")
     p.add_argument("--split", default="val")
-    p.add_argument("--image-size", type=int, default=None, help="image size (default: the VQ's training size)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="image size (default: the VQ's training size)")
     p.add_argument("--level", choices=["single", "semantic", "detail"], default=None,
                    help="codebook whose tokens are replaced (default: single, or detail for dual tokenizers)")
-    p.add_argument("--distances", type=float, nargs="+", default=None,
+    p.add_argument("--distances", type=nonneg_float, nargs="+", default=None,
                    help="target code distances (default: 9 from 0 to the 95th percentile of code distances)")
-    p.add_argument("--num-images", type=int, default=64, help="images spread evenly over the split")
+    p.add_argument("--num-images", type=positive_int, default=64, help="images spread evenly over the split")
     p.add_argument("--perceptual", choices=["lpips_vgg", "domain", "none"], default="domain",
                    help="LPIPS backend: the domain network (offline), LPIPS-VGG, or none")
     p.add_argument("--domain-net", default=None, help="reference network checkpoint (`iar2 refnet train`)")
     p.add_argument("--weights-dir", default=None, help="folder holding pretrained weight files (lpips_vgg)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", required=True, help="result JSON to write")
 

@@ -8,6 +8,7 @@ dotted key and what is allowed. Field constraints live in the field metadata:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -22,6 +23,12 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the key and the allowed values."""
+
+
+def close_match(name: Any, allowed) -> str:
+    """"; did you mean 'x'?" for the allowed name closest to `name` (a misspelt key), or "" when none is close."""
+    m = difflib.get_close_matches(str(name), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f"; did you mean {m[0]!r}?" if m else ""
 
 
 def _type_name(tp: Any) -> str:
@@ -117,7 +124,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{name}: unknown key(s) {', '.join(unknown)}; allowed keys: "
-                          + ", ".join(sorted(fields)))
+                          + ", ".join(sorted(fields)) + (close_match(unknown[0], fields) if len(unknown) == 1 else ""))
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for fname, f in fields.items():

@@ -146,6 +146,7 @@ def evaluate_samples(samples, data_root, split="train", extractor="domain", doma
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import positive_int  # argparse types with a range
     p.add_argument("--samples", required=True, help="samples.npz from `iar2 sample` (arr_0: N x H x W x 3 uint8)")
     p.add_argument("--data", required=True, help="ImageFolder root of the reference images")
     p.add_argument("--split", default="train", help="reference split (default: train, as ADM/LlamaGen)")
@@ -153,11 +154,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Inception (needs its weights: `iar2 fetch-weights`) or the domain network (offline)")
     p.add_argument("--domain-net", help="reference network checkpoint (`iar2 refnet train`)")
     p.add_argument("--weights-dir", help="folder holding pretrained weight files (else the torch hub cache)")
-    p.add_argument("--max-reference", type=int, default=50000, help="reference images at most (spread evenly)")
+    p.add_argument("--max-reference", type=positive_int, default=50000,
+                   help="reference images at most (spread evenly)")
     p.add_argument("--ref-npz", help="ADM reference batch (.npz with mu, sigma) for the protocol FID")
     p.add_argument("--report", help="`iar2 data check` report: its bad images are excluded")
     p.add_argument("--cache-dir", help="folder caching reference features (computed once per reference set)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="metrics JSON")
 

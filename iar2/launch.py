@@ -210,13 +210,15 @@ def route(gpus: int, nodes: int, force_srun: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
+
     p = argparse.ArgumentParser(
         prog="python -m iar2.launch",
         description="Run CMD with one torch.distributed rank per GPU: as is (1 GPU or CPU), under torchrun "
                     "(several GPUs on one node) or under srun + torchrun (several nodes of a SLURM job).",
         epilog="example: python -m iar2.launch --gpus 8 --nodes 2 -- iar2 ar train --config c.yaml --out runs/x")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs (= processes) per node; 0 or 1: one process")
-    p.add_argument("--nodes", type=int, default=1, help="nodes of the SLURM allocation to use (default 1)")
+    p.add_argument("--gpus", type=nonneg_int, default=0, help="GPUs (= processes) per node; 0 or 1: one process")
+    p.add_argument("--nodes", type=positive_int, default=1, help="nodes of the SLURM allocation to use (default 1)")
     p.add_argument("--srun", action="store_true",
                    help="use the multi-node route (srun + c10d rendezvous) even on one node")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")

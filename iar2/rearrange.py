@@ -415,14 +415,15 @@ def write_rearranged_vq(model, out_path: str | Path, level: str, mapping: torch.
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ weights (.safetensors with its .json)")
-    p.add_argument("--clusters", type=int, default=None,
+    p.add_argument("--clusters", type=positive_int, default=None,
                    help="number of clusters n (must divide the codebook size); IAR: 128")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--level", choices=["single", "semantic", "detail"], default=None,
                    help="codebook to rearrange (default: single, or detail for dual tokenizers)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-iter", type=int, default=100, help="k-means iterations at most (IAR: 100)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--max-iter", type=positive_int, default=100, help="k-means iterations at most (IAR: 100)")
     p.add_argument("--mapping", default=None,
                    help="apply an existing mapping file (ours or IAR's .pt) instead of clustering")
 
@@ -475,11 +476,12 @@ def run(args) -> int:
 # ----------------------------------------------------------------------------- benchmark
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--codes", type=int, nargs="+", default=[16384], help="codebook sizes N")
-    p.add_argument("--dim", type=int, default=8)
-    p.add_argument("--clusters", type=int, default=128)
-    p.add_argument("--max-iter", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
+    p.add_argument("--codes", type=positive_int, nargs="+", default=[16384], help="codebook sizes N")
+    p.add_argument("--dim", type=positive_int, default=8)
+    p.add_argument("--clusters", type=positive_int, default=128)
+    p.add_argument("--max-iter", type=positive_int, default=100)
+    p.add_argument("--seed", type=nonneg_int, default=0)
 
 
 def run_bench(args) -> int:

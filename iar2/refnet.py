@@ -232,18 +232,19 @@ def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed
 # ----------------------------------------------------------------------------- CLI: iar2 refnet train
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float  # ranged types
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
     p.add_argument("--out", required=True, help="output weights (.safetensors; metadata .json beside it)")
-    p.add_argument("--steps", type=int, default=2000, help="optimisation steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed (init, shuffling, augmentation)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (warmup, cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--input-size", type=int, default=64, help="resolution the network sees")
-    p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64, 128], help="channels per stage")
-    p.add_argument("--blocks", type=int, default=1, help="residual blocks per stage")
-    p.add_argument("--crop-min", type=float, default=0.6, help="random-crop fraction of the short side (min)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--steps", type=positive_int, default=2000, help="optimisation steps")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (init, shuffling, augmentation)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW peak learning rate (warmup, cosine decay)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.05)
+    p.add_argument("--input-size", type=positive_int, default=64, help="resolution the network sees")
+    p.add_argument("--widths", type=positive_int, nargs="+", default=[16, 32, 64, 128], help="channels per stage")
+    p.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
+    p.add_argument("--crop-min", type=unit_float, default=0.6, help="random-crop fraction of the short side (min)")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader workers")
     p.add_argument("--report", default=None, help="`iar2 data check` report (bad files excluded)")
 
 

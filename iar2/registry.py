@@ -113,6 +113,38 @@ def parse_guidance(gid: str) -> dict:
     return {"guidance": g, "reject": bool(m["reject"]), "grid": bool(m["grid"])}
 
 
+# The figure lists a scale may shorten with `restrict`, by figure kind: sweep variable -> the figure's key.
+FIGURE_SWEEPS = {"cfg_sweep": {"size": "models", "static": "static"},
+                 "scaling": {"family": "families", "size": "sizes"},
+                 "epochs": {"family": "families", "epochs": "epochs"},
+                 "loss_curves": {"size": "sizes"}}
+
+
+def sweep_variables(experiments: dict) -> dict[str, list]:
+    """Every variable a scale may `restrict`, with the values the registry sweeps it over (first-seen order):
+    the `for:` names of table rows and figures, and the figure lists of FIGURE_SWEEPS."""
+    out: dict[str, list] = {}
+
+    def add(name, values):
+        seen = out.setdefault(name, [])
+        seen.extend(v for v in values if v not in seen)
+
+    def loops(entry):
+        for names, values in ((entry or {}).get("for") or {}).items():
+            names = [n.strip() for n in str(names).split(",")]
+            for i, n in enumerate(names):
+                add(n, [v[i] if len(names) > 1 else v for v in values or []])
+
+    for t in (experiments.get("tables") or {}).values():
+        for row in t.get("rows") or []:
+            loops(row)
+    for f in (experiments.get("figures") or {}).values():
+        loops(f)
+        for name, key in FIGURE_SWEEPS.get(f.get("kind"), {}).items():
+            add(name, f.get(key) or [])
+    return out
+
+
 # ----------------------------------------------------------------------------- the plan
 
 @dataclass
@@ -145,10 +177,10 @@ class Plan:
     def __init__(self, experiments: dict, scale: dict):
         self.x = copy.deepcopy(experiments)
         self.s = scale
-        self.results = scale["results"]
         self.restrict = scale.get("restrict", {}) or {}
-        self.families = self.x["families"]
         self._check_scale()
+        self.results = scale["results"]
+        self.families = self.x["families"]
         self.tokenizers: dict[str, dict] = {}
         for name, entry in self.x["tokenizers"].items():
             for env, spec in expand({**entry, "_id": name}, {}, self.families, f"tokenizers.{name}"):
@@ -173,23 +205,22 @@ class Plan:
 
     # -- scale checks
     def _check_scale(self):
-        for key in ("grids", "codebooks", "ar", "tokenizer", "sampling"):
-            if key not in self.s:
-                raise ConfigError(f"{key}: missing from the scale file (params/{self.s.get('scale')}.yaml)")
-        sizes = self.s["ar"].get("sizes", {})
-        for k in sizes:
-            if k.split("-")[0] not in SIZES:
-                raise ConfigError(f"ar.sizes.{k}: unknown size; allowed values: " + ", ".join(SIZES)
-                                  + " (optionally -<grid>, e.g. XXL-24)")
+        """The scale file's shape (keys, types, ranges: workflow/schemas/scale.schema.yaml), then what only the
+        registry knows: `restrict:` names must be sweep variables and its values values of those sweeps (a
+        misspelt one would silently keep a whole sweep, or drop every row)."""
+        from iar2.config import close_match
+        from iar2.scale_schema import check_scale
+
+        check_scale(self.s)
+        sweeps = sweep_variables(self.x)
         for name, values in self.restrict.items():
-            if not isinstance(values, list):
-                raise ConfigError(f"restrict.{name}: expected a list of the values to keep")
-        tracking = self.s.get("tracking", {}) or {}
-        if not isinstance(tracking, dict) or set(tracking) - {"mode"}:
-            raise ConfigError("tracking: expected {mode: live | spool}")
-        if tracking.get("mode", "live") not in ("live", "spool"):
-            raise ConfigError(f"tracking.mode: {tracking['mode']!r}; allowed values: live (jobs log to the store as "
-                              "they run), spool (jobs write records, logged when the workflow ends)")
+            if name not in sweeps:
+                raise ConfigError(f"restrict.{name}: not a sweep variable of the registry; allowed keys: "
+                                  + ", ".join(sorted(sweeps)) + close_match(name, sweeps))
+            unknown = [v for v in values if v not in sweeps[name]]
+            if unknown:
+                raise ConfigError(f"restrict.{name}: {', '.join(map(repr, unknown))} not in the registry's sweep "
+                                  f"of {name}; allowed values: " + ", ".join(map(str, sweeps[name])))
 
     # -- helpers
     def codebook(self, n: int) -> int:
@@ -296,7 +327,9 @@ class Plan:
     def _figure(self, fid: str, f: dict) -> dict:
         kind = f["kind"]
         out = {"title": f["title"], "kind": kind}
-        keep = lambda name, vals: [v for v in vals if name not in self.restrict or v in self.restrict[name]]
+        # the figure's list swept by `name` (FIGURE_SWEEPS), shortened by the scale's restrict
+        keep = lambda name: [v for v in f[FIGURE_SWEEPS[kind][name]]
+                             if name not in self.restrict or v in self.restrict[name]]
         if kind == "code_distance":
             out["series"] = []
             for tok in f["tokenizers"]:
@@ -315,10 +348,10 @@ class Plan:
                                       "is": self._metric_sources(ss, ["is"])["is"]})
         elif kind == "cfg_sweep":
             out["series"] = []
-            for size in keep("size", f["models"]):
+            for size in keep("size"):
                 spec = {**f["run"], "size": size}
                 pts = []
-                for scale in keep("static", f["static"]):
+                for scale in keep("static"):
                     ss = self._sample({"run": spec, "epoch": f["epoch"], "guidance": f"static-{scale}"},
                                       f"figures.{fid}", fid)
                     pts.append({"x": scale, **self._metric_sources(ss, ["fid", "is"])})
@@ -327,9 +360,9 @@ class Plan:
                                       "pag": {**self._metric_sources(pag, ["fid", "is"]), "guidance": pag.guidance}})
         elif kind == "scaling":
             out["series"] = []
-            for fam in keep("family", f["families"]):
+            for fam in keep("family"):
                 pts = []
-                for size in keep("size", f["sizes"]):
+                for size in keep("size"):
                     ss = self._sample({"run": {"family": fam, "size": size, "grid": f["grid"]}, "epoch": f["epoch"],
                                        "guidance": "main"}, f"figures.{fid}", fid)
                     pts.append({"x": size, "params_file": f"ar/{ss.run}/model.json",
@@ -337,9 +370,9 @@ class Plan:
                 out["series"].append({"label": self.families[fam]["label"], "points": pts})
         elif kind == "epochs":
             out["series"] = []
-            for fam in keep("family", f["families"]):
+            for fam in keep("family"):
                 pts = []
-                for ep in keep("epochs", f["epochs"]):
+                for ep in keep("epochs"):
                     ss = self._sample({"run": {"family": fam, "size": f["size"], "grid": f["grid"]}, "epoch": ep,
                                        "guidance": f["guidance"]}, f"figures.{fid}", fid)
                     pts.append({"x": ep, **self._metric_sources(ss, ["fid", "is"])})
@@ -347,7 +380,7 @@ class Plan:
         elif kind == "loss_curves":
             out["file"] = "analysis/loss_curves.csv"
             out["series"] = []
-            for size in keep("size", f["sizes"]):
+            for size in keep("size"):
                 rid = self._run({"family": "iar2", "size": size, "grid": f["grid"]}, f"figures.{fid}", fid)
                 out["series"].append({"label": f"IAR2-{size}", "run": f"ar/{rid}"})
         elif kind == "grid":
@@ -425,7 +458,8 @@ class Plan:
                 model[k] = self.codebook(int(model[k]))
         raw = deep_merge(tb["base"], {"model": model})
         raw = deep_merge(raw, {"name": f"{tok}-{stage}" if stage != "single" else tok,
-                               "data": {"root": self.s["data"]["root"]},
+                               "data": {"root": self.s["data"]["root"],
+                                        "check_report": f"{self.results}/data/check.json"},
                                "loss": {"domain_net": f"{self.results}/refnet/refnet.safetensors"},
                                "train": {"stage": stage}})
         if stage == "stage1":
@@ -436,7 +470,7 @@ class Plan:
             raw["loss"].pop("domain_net")
         from iar2.tokenizer.config import TokenizerRunConfig
 
-        return to_dict(from_dict(TokenizerRunConfig, raw))
+        return to_dict(from_dict(TokenizerRunConfig, raw, "tokenizer"))  # errors: tokenizer.model: ...
 
     def stages(self, tok: str) -> list[str]:
         return ["stage1", "stage2"] if self.tokenizers[tok]["model"]["quantizer"] == "semantic_detail" else ["single"]
@@ -475,7 +509,7 @@ class Plan:
         if es is not None:
             train["epoch_steps"] = float(es)
         raw = deep_merge(raw, {"name": rid, "train": train})
-        cfg = to_dict(from_dict(ARRunConfig, raw))
+        cfg = to_dict(from_dict(ARRunConfig, raw, "ar"))
         if _for_key:  # identity of a run: everything but its name and how long it trains
             cfg = copy.deepcopy(cfg)
             for k in ("epochs", "ckpt_epochs"):
@@ -496,7 +530,7 @@ class Plan:
                 raw = deep_merge(raw, {"reject": {"domain_net": f"{self.results}/refnet/refnet.safetensors"}})
         if p["grid"]:
             raw = deep_merge(raw, sb.get("grid", {}))
-        return to_dict(from_dict(SampleRunConfig, raw))
+        return to_dict(from_dict(SampleRunConfig, raw, "sampling"))
 
     # -- what the DAG builds
     def token_sets(self) -> list[tuple[str, int]]:

@@ -192,16 +192,17 @@ def merge(out: Path, n_chunks: int, cfg: SampleRunConfig, ar_path, vq_path, png:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--ar", required=True, help="AR model weights (model.safetensors from `iar2 ar train`/`ar import`)")
     p.add_argument("--vq", required=True, help="the tokenizer its tokens belong to")
     p.add_argument("--out", required=True, help="output folder (chunks/, samples.npz, samples.json)")
     p.add_argument("--config", help="SampleRunConfig YAML (per_class, batch_size, sampling.guidance, ...)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="overrides, e.g. per_class=50 sampling.guidance.mode=pag sampling.guidance.semantic=[1.5,3]")
-    p.add_argument("--job", type=int, default=0, help="this job's index when sampling is split over jobs")
-    p.add_argument("--jobs", type=int, default=1, help="number of separate jobs sharing the run")
+    p.add_argument("--job", type=nonneg_int, default=0, help="this job's index when sampling is split over jobs")
+    p.add_argument("--jobs", type=positive_int, default=1, help="number of separate jobs sharing the run")
     p.add_argument("--png", action="store_true", help="also write one PNG per sample")
-    p.add_argument("--grid", type=int, default=0, metavar="N",
+    p.add_argument("--grid", type=nonneg_int, default=0, metavar="N",
                    help="also write grid.png: one row per class, N samples each (Figures 9-11)")
 
 

@@ -342,24 +342,25 @@ class TokenDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import float_min, nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ tokenizer (.safetensors with its .json, or a checkpoint folder)")
     p.add_argument("--data", required=True, help="ImageFolder root holding <split>/<class>/<images>")
     p.add_argument("--split", default="train", help="split to encode (default: train)")
     p.add_argument("--out", required=True, help="output folder (codes.npy, labels.npy, meta.json)")
     p.add_argument("--aug", choices=list(AUGMENTATIONS), default="flip",
                    help="none: centre crop; flip: + horizontal flip (2); tencrop: LlamaGen ten-crop (10)")
-    p.add_argument("--crop-range", type=float, default=1.1,
+    p.add_argument("--crop-range", type=float_min(1.0), default=1.1,
                    help="tencrop: centre crop at image_size * crop_range before the ten-crop (LlamaGen 1.1 / 1.05)")
-    p.add_argument("--image-size", type=int, default=None, help="image size (default: the VQ's training size)")
-    p.add_argument("--batch-size", type=int, default=64, help="source images per encoder call")
-    p.add_argument("--chunk-size", type=int, default=1024,
+    p.add_argument("--image-size", type=positive_int, default=None, help="image size (default: the VQ's training size)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="source images per encoder call")
+    p.add_argument("--chunk-size", type=positive_int, default=1024,
                    help="images per durable chunk (rounded to whole batches); a resumed run restarts at a chunk")
     p.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last chunk")
     p.add_argument("--report", default=None,
                    help="`iar2 data check` report: exclude its bad images without decoding everything first")
-    p.add_argument("--max-images", type=int, default=None, help="encode only the first N images (smoke tests)")
-    p.add_argument("--max-chunks", type=int, default=None, help="stop after N chunks (testing resumption)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    p.add_argument("--max-images", type=positive_int, default=None, help="encode only the first N images (smoke tests)")
+    p.add_argument("--max-chunks", type=positive_int, default=None, help="stop after N chunks (testing resumption)")
+    p.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader workers decoding images")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
 
@@ -381,12 +382,13 @@ SMALL_VQ = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 3
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import positive_int  # argparse types with a range
     p.add_argument("--vq", default=None, help="VQ to benchmark (default: a random small-scale dual VQ)")
     p.add_argument("--data", default=None, help="ImageFolder root (default: a built-in dataset made in a temp dir)")
     p.add_argument("--split", default="train")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--images", type=int, default=256, help="images per measurement")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--images", type=positive_int, default=256, help="images per measurement")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--augs", nargs="+", choices=list(AUGMENTATIONS), default=list(AUGMENTATIONS))
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the figures as JSON")

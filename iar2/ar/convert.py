@@ -108,16 +108,18 @@ def export_original(src, out) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("src", help="original checkpoint (.pt/.pth), or with --export-original our .safetensors")
     p.add_argument("out", help="output .safetensors (+ .json), or with --export-original the .pt to write")
-    p.add_argument("--grid", type=int, default=None,
+    p.add_argument("--grid", type=positive_int, default=None,
                    help="token grid side: 16 for LlamaGen *_256, 24 for *_384 and all IAR2 files (required)")
     p.add_argument("--format", choices=["auto", "llamagen", "iar2"], default="auto",
                    help="layout (auto: iar2 if tok_embeddings1 exists; IAR GPTs are llamagen)")
     p.add_argument("--use-ema", action="store_true", help="take the 'ema' weights")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: from the class table)")
-    p.add_argument("--n-head", type=int, default=None, help="attention heads (default: LlamaGen's for the width)")
-    p.add_argument("--cluster-size", type=int, default=0, help="IAR GPT: cluster size for the cluster CE (128)")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classes (default: from the class table)")
+    p.add_argument("--n-head", type=positive_int, default=None,
+                   help="attention heads (default: LlamaGen's for the width)")
+    p.add_argument("--cluster-size", type=nonneg_int, default=0, help="IAR GPT: cluster size for the cluster CE (128)")
     p.add_argument("--rope-compat", choices=["none", "iar2_official"], default=None,
                    help="IAR2 files: rotary table of the released code (default) or the paper's")
     p.add_argument("--export-original", action="store_true", help="convert our weights back to the original layout")

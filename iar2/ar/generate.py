@@ -189,15 +189,16 @@ def generate(model: ARModel, labels: torch.Tensor, indices: torch.Tensor, cfg: S
 # ----------------------------------------------------------------------------- benchmark
 
 def add_bench_arguments(p) -> None:
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--head-layers", type=int, default=2)
-    p.add_argument("--grid", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--semantic", type=int, default=256)
-    p.add_argument("--detail", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=8)
+    from iar2.cli import positive_int  # argparse types with a range
+    p.add_argument("--dim", type=positive_int, default=256)
+    p.add_argument("--n-layer", type=positive_int, default=4)
+    p.add_argument("--n-head", type=positive_int, default=4)
+    p.add_argument("--head-layers", type=positive_int, default=2)
+    p.add_argument("--grid", type=positive_int, default=8)
+    p.add_argument("--vocab", type=positive_int, default=4096)
+    p.add_argument("--semantic", type=positive_int, default=256)
+    p.add_argument("--detail", type=positive_int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default="auto")
 
 

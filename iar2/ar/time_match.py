@@ -68,10 +68,11 @@ def time_match(config: str, reference: str, steps: int = 8, warmup: int = 2) -> 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--config", required=True, help="the variant's ARRunConfig YAML")
     p.add_argument("--reference", required=True, help="the reference run's ARRunConfig YAML")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per measurement (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=positive_int, default=8, help="timed steps per measurement (median)")
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed steps first")
     p.add_argument("--out", required=True, help="JSON with epoch_steps for the variant")
 
 

@@ -389,6 +389,7 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu") -> ARModel:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import positive_int  # argparse types with a range
     p.add_argument("--config", help="AR run config (YAML, ARRunConfig: model + train)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. train.steps=100 model.paradigm=alternating")
@@ -397,7 +398,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.csv, model.safetensors)")
     p.add_argument("--resume", default=None, metavar="auto|CKPT",
                    help="'auto': continue from the run's latest checkpoint (or start); or a checkpoint folder")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop this invocation after N steps (with a checkpoint)")
 
 
@@ -414,17 +415,18 @@ def run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- benchmark
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--head-layers", type=int, default=2, help="IAR2 head blocks (paper: 5)")
-    p.add_argument("--grid", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=4096, help="single-codebook size (LlamaGen-style)")
-    p.add_argument("--semantic", type=int, default=256)
-    p.add_argument("--detail", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
+    p.add_argument("--dim", type=positive_int, default=256)
+    p.add_argument("--n-layer", type=positive_int, default=4)
+    p.add_argument("--n-head", type=positive_int, default=4)
+    p.add_argument("--head-layers", type=positive_int, default=2, help="IAR2 head blocks (paper: 5)")
+    p.add_argument("--grid", type=positive_int, default=16)
+    p.add_argument("--vocab", type=positive_int, default=4096, help="single-codebook size (LlamaGen-style)")
+    p.add_argument("--semantic", type=positive_int, default=256)
+    p.add_argument("--detail", type=positive_int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--steps", type=positive_int, default=5)
+    p.add_argument("--warmup", type=nonneg_int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
 

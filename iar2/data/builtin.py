@@ -169,12 +169,14 @@ def make_builtin(out_root: str | Path, num_classes: int = 10, train_per_class: i
 # ----------------------------------------------------------------------------- CLI: iar2 data builtin
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import int_range, nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--out", default="data/builtin", help="output ImageFolder root (replaced atomically)")
-    p.add_argument("--num-classes", type=int, default=10, help=f"number of classes, 2..{MAX_CLASSES}")
-    p.add_argument("--train-per-class", type=int, default=100, help="train images per class")
-    p.add_argument("--val-per-class", type=int, default=50, help="val images per class")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
+    p.add_argument("--num-classes", type=int_range(2, MAX_CLASSES), default=10,
+                   help=f"number of classes, 2..{MAX_CLASSES}")
+    p.add_argument("--train-per-class", type=positive_int, default=100, help="train images per class")
+    p.add_argument("--val-per-class", type=positive_int, default=50, help="val images per class")
+    p.add_argument("--size", type=positive_int, default=64, help="image side in pixels")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (same seed -> same bytes)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -329,10 +329,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- CLI: iar2 data check
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_int  # argparse types with a range
     p.add_argument("--root", required=True, help="ImageFolder root holding <split>/<class>/<images>")
     p.add_argument("--out", required=True, help="JSON report to write (pass it to the dataset as `report`)")
     p.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to scan (default: train val)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1),
                    help="decoding processes (0: in this process)")
     p.add_argument("--classes-out", default=None, help="also write the class index (classes.json) here")
 

@@ -176,6 +176,7 @@ def _sha256(path: str | Path) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import positive_int  # argparse types with a range
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("src", help="original checkpoint (.pt), or with --export-original our .safetensors file")
     p.add_argument("out", help="output .safetensors (a .json with the model config is written beside it), "
@@ -184,7 +185,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint layout (auto: iar2 if quantize.embedding_second exists, else llamagen; "
                         "IAR's reordered VQ is llamagen)")
     p.add_argument("--use-ema", action="store_true", help="take the 'ema' weights instead of 'model'")
-    p.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups of the source model (LlamaGen: 32)")
+    p.add_argument("--norm-groups", type=positive_int, default=32,
+                   help="GroupNorm groups of the source model (LlamaGen: 32)")
     p.add_argument("--export-original", action="store_true",
                    help="convert our weights back into the original layout instead")
 

@@ -133,20 +133,21 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
 # ----------------------------------------------------------------------------- CLI: iar2 vq eval
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ tokenizer (.safetensors with its .json, or a checkpoint folder)")
     p.add_argument("--data", required=True, help="ImageFolder root holding <split>/<class>/<images>")
     p.add_argument("--split", default="val", help="split to reconstruct (default: val)")
-    p.add_argument("--image-size", type=int, default=None, help="image size (default: the VQ's training size)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="image size (default: the VQ's training size)")
     p.add_argument("--extractor", choices=["inception", "domain"], default="inception",
                    help="rFID features: torch-fidelity Inception (needs its weights file) or the domain network")
     p.add_argument("--domain-net", default=None, help="reference network checkpoint (`iar2 refnet train`)")
     p.add_argument("--perceptual", choices=["lpips_vgg", "domain", "none"], default="lpips_vgg",
                    help="LPIPS backend: LPIPS-VGG (needs VGG16 weights), the domain network, or none")
     p.add_argument("--weights-dir", default=None, help="folder holding pretrained weight files (else torch hub cache)")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate N images spread over the split")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-images", type=positive_int, default=None, help="evaluate N images spread over the split")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--report", default=None, help="`iar2 data check` report (bad images excluded without decoding)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    p.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader workers decoding images")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", required=True, help="metrics JSON to write")
 

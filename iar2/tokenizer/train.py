@@ -522,6 +522,7 @@ def _train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = No
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import positive_int  # argparse types with a range
     p.add_argument("--config", default=str(TINY_CONFIG),
                    help=f"tokenizer run config (YAML, TokenizerRunConfig); default: the packaged {TINY_CONFIG.name}")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -529,7 +530,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.csv, vq.safetensors)")
     p.add_argument("--resume", default=None, metavar="auto|CKPT",
                    help="'auto': continue from the run's latest checkpoint (or start if none); or a checkpoint folder")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop this invocation after N steps (with a checkpoint); resume later with --resume auto")
 
 
@@ -560,11 +561,12 @@ BENCH_VARIANTS = [("single", "single", "single"), ("unassociated_dual", "unassoc
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--preset", nargs="+", default=["tiny", "small"], choices=sorted(BENCH_PRESETS),
                    help="model sizes to time (default: tiny small)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed steps first")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="override the preset's batch size")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
 

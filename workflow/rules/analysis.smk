@@ -22,8 +22,8 @@ rule tokenize:
     log:
         f"{R}/logs/tokenize/{{tok}}-g{{grid}}.log",
     shell:
-        "iar2 tokenize --vq {input.vq} --data {input.data} --split train --report {input.report} "
-        "--aug {params.aug} --image-size {params.size} --out {params.out} --resume > {log} 2>&1"
+        "iar2 tokenize --vq {input.vq:q} --data {input.data:q} --split train --report {input.report:q} "
+        "--aug {params.aug:q} --image-size {params.size:q} --out {params.out:q} --resume > {log:q} 2>&1"
 
 
 rule rearrange:
@@ -43,8 +43,8 @@ rule rearrange:
     log:
         f"{R}/logs/rearrange/{{tok}}.log",
     shell:
-        "iar2 rearrange --vq {input.vq} --clusters {params.r[clusters]} --seed {params.r[seed]} "
-        "--out {params.out} > {log} 2>&1"
+        "iar2 rearrange --vq {input.vq:q} --clusters {params.r[clusters]:q} --seed {params.r[seed]:q} "
+        "--out {params.out:q} > {log:q} 2>&1"
 
 
 rule code_distance:
@@ -53,6 +53,8 @@ rule code_distance:
         vq=f"{R}/tokenizers/{{tok}}/vq.safetensors",
         refnet=f"{R}/refnet/refnet.safetensors",
         data=DATA["root"],
+        # `iar2 code-distance` has no --report yet: declared so the scan of the images it decodes comes first
+        report=f"{R}/data/check.json",
     output:
         f"{R}/analysis/code_distance/{{tok}}.json",
     params:
@@ -65,8 +67,8 @@ rule code_distance:
     log:
         f"{R}/logs/code_distance/{{tok}}.log",
     shell:
-        "iar2 code-distance --vq {input.vq} --data {input.data} --split val --num-images {params.n} "
-        "--perceptual {params.perceptual} --domain-net {input.refnet} --out {output} > {log} 2>&1"
+        "iar2 code-distance --vq {input.vq:q} --data {input.data:q} --split val --num-images {params.n:q} "
+        "--perceptual {params.perceptual:q} --domain-net {input.refnet:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule loss_curves:

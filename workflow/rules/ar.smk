@@ -26,9 +26,9 @@ rule time_match:
     log:
         f"{R}/logs/time_match/{{run}}.log",
     shell:
-        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
-        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && printf '%s\\n' {params.ref:q} > {params.reffile} && "
-        "iar2 ar time-match --config {params.cfgfile} --reference {params.reffile} --out {output} > {log} 2>&1"
+        "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
+        "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && printf '%s\\n' {params.ref:q} > {params.reffile:q} && "
+        "iar2 ar time-match --config {params.cfgfile:q} --reference {params.reffile:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule ar_train:
@@ -43,7 +43,7 @@ rule ar_train:
         out=lambda w: f"{R}/ar/{w.run}",
         cfg=lambda w: cfg_json(PLAN.ar_config(w.run)),
         cfgfile=lambda w: f"{R}/configs/ar/{w.run}.yaml",
-        budget=lambda w: f"--budget {R}/ar/{w.run}/time_match.json" if PLAN.runs[w.run].time_match else "",
+        budget=lambda w: opt("--budget", f"{R}/ar/{w.run}/time_match.json" if PLAN.runs[w.run].time_match else ""),
         launch=lambda w: launch("ar_train", w.run),
         env=lambda w: tag("ar_train", f"ar/{w.run}", PLAN.tables_of_run(w.run)),
     resources:
@@ -53,9 +53,10 @@ rule ar_train:
     log:
         f"{R}/logs/ar_train/{{run}}.log",
     shell:
-        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
-        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && {params.env} {params.launch}iar2 ar train --config {params.cfgfile} {params.budget} "
-        "--out {params.out} --resume auto > {log} 2>&1"
+        "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
+        "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && "
+        "{params.env} {params.launch}iar2 ar train --config {params.cfgfile:q} {params.budget} "
+        "--out {params.out:q} --resume auto > {log:q} 2>&1"
 
 
 rule sample:
@@ -68,6 +69,7 @@ rule sample:
                category="Samples", subcategory="{run}", labels={"run": "{run}", "epoch": "{epoch}",
                                                               "guidance": "{guidance}"}),
     params:
+        # written by the same ar_train job as input.ar (its per-epoch export), so input.ar stands for it
         weights=lambda w: f"{R}/ar/{w.run}/model_e{int(w.epoch):03d}.safetensors",
         cfg=lambda w: cfg_json(PLAN.sample_config(w.guidance)),
         cfgfile=lambda w: f"{R}/configs/sampling/{w.guidance}.yaml",
@@ -82,10 +84,10 @@ rule sample:
     log:
         f"{R}/logs/sample/{{run}}-e{{epoch}}-{{guidance}}.log",
     shell:
-        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
-        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && {params.env} iar2 sample --ar {params.weights} --vq {input.vq} --config {params.cfgfile} "
-        "--out {params.out} "
-        "--grid 8 > {log} 2>&1"
+        "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
+        "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && "
+        "{params.env} iar2 sample --ar {params.weights:q} --vq {input.vq:q} "
+        "--config {params.cfgfile:q} --out {params.out:q} --grid 8 > {log:q} 2>&1"
 
 
 rule gen_metrics:
@@ -99,7 +101,7 @@ rule gen_metrics:
         f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/metrics.json",
     params:
         m=config["gen_metrics"],
-        ref=lambda w: f"--ref-npz {config['gen_metrics']['ref_npz']}" if config["gen_metrics"].get("ref_npz") else "",
+        ref=opt("--ref-npz", config["gen_metrics"].get("ref_npz")),
         cache=f"{R}/cache/reference",
         env=lambda w: tag("gen_metrics", f"ar/{w.run}/e{w.epoch}/{w.guidance}",
                           ",".join(sorted(PLAN.samples[f"{w.run}/e{w.epoch}/{w.guidance}"].tables))),
@@ -110,7 +112,7 @@ rule gen_metrics:
     log:
         f"{R}/logs/gen_metrics/{{run}}-e{{epoch}}-{{guidance}}.log",
     shell:
-        "{params.env} iar2 metrics --samples {input.samples} --data {input.data} --split train "
-        "--report {input.report} --extractor {params.m[extractor]} --domain-net {input.refnet} "
-        "--max-reference {params.m[max_reference]} {params.ref} --cache-dir {params.cache} --out {output} "
-        "> {log} 2>&1"
+        "{params.env} iar2 metrics --samples {input.samples:q} --data {input.data:q} --split train "
+        "--report {input.report:q} --extractor {params.m[extractor]:q} --domain-net {input.refnet:q} "
+        "--max-reference {params.m[max_reference]:q} {params.ref} --cache-dir {params.cache:q} --out {output:q} "
+        "> {log:q} 2>&1"

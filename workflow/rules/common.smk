@@ -3,12 +3,16 @@
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
 from iar2.config import ConfigError, deep_merge
 from iar2.registry import load_plan, write_index, write_loss_curves, write_summary
+from iar2.scale_schema import check_scale
 
 
 def _load_scale(cfg):
@@ -21,12 +25,23 @@ def _load_scale(cfg):
 
 
 config.update(_load_scale(config))
+# The merged config (scale file + --configfile/--config) against the schema, before anything is planned: an
+# unknown key, a wrong type or an out-of-range number stops here. Snakemake's own message prints the whole schema
+# fragment; ours names the dotted key, the allowed keys or values and the closest match of a misspelt key.
+try:
+    validate(config, "../schemas/scale.schema.yaml", set_default=False)
+except WorkflowError:
+    check_scale(config)  # the same schema: raises ConfigError, one line per problem
+    raise
 PLAN = load_plan(workflow.basedir, config)  # raises ConfigError naming the key and the allowed values
 # (Snakemake exports OMP_NUM_THREADS = the rule's threads, so two 1-thread torch jobs share two cores
 # without spinning against each other.)
 R = config["results"]
 DATA = config["data"]
 SCALE = config["scale"]
+# The paper's numbers and claims (the report's inputs), relative to where Snakemake runs.
+_PAPER = os.path.relpath(Path(workflow.basedir) / "params" / "paper")
+PAPER_FILES = sorted(str(Path(_PAPER) / p.name) for p in Path(_PAPER).iterdir() if p.suffix in (".csv", ".yaml"))
 
 
 def _alternation(names):
@@ -67,8 +82,10 @@ def sync_tracking(log):
 
 
 def tag(rule_name, run_id, tables=""):
-    """Environment the job's MLflow run is tagged from: rule, run id, the tables it feeds."""
-    return f"IAR2_RULE={rule_name} IAR2_RUN_ID={run_id} IAR2_TABLES={tables or '-'}"
+    """Environment the job's MLflow run is tagged from: rule, run id, the tables it feeds. A shell prefix of
+    assignments, each value quoted (NAME='v a l'), so that no value is ever read as shell syntax."""
+    env = {"IAR2_RULE": rule_name, "IAR2_RUN_ID": run_id, "IAR2_TABLES": tables or "-"}
+    return " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
 
 
 # Each job writes the resolved config it runs with (JSON, which is YAML) atomically before it starts, from its
@@ -76,6 +93,11 @@ def tag(rule_name, run_id, tables=""):
 # exactly that job (Snakemake's params trigger).
 def cfg_json(d):
     return json.dumps(d, sort_keys=True)
+
+
+def opt(flag, value):
+    """`--flag 'value'` as shell words, or nothing when value is empty (an optional file argument)."""
+    return shlex.join([flag, str(value)]) if value else ""
 
 
 # ----------------------------------------------------------------------------- resources (SLURM)
@@ -109,7 +131,8 @@ def launch(rule_name, run=None):
     gpus, nodes = int(r.get("gpu", 0)), int(r.get("nodes", 1))
     if gpus <= 1 and nodes <= 1:
         return ""
-    return f"python -m iar2.launch --gpus {gpus // max(nodes, 1)} --nodes {nodes} -- "
+    return shlex.join(["python", "-m", "iar2.launch", "--gpus", str(gpus // max(nodes, 1)), "--nodes", str(nodes),
+                       "--"]) + " "
 
 
 # ----------------------------------------------------------------------------- targets
@@ -164,7 +187,8 @@ def final_stage(w):
 
 
 def train_inputs(w):
-    inp = {"refnet": f"{R}/refnet/refnet.safetensors", "data": DATA["root"]}
+    # report: the config's data.check_report (the registry sets it), so its bad images are skipped
+    inp = {"refnet": f"{R}/refnet/refnet.safetensors", "data": DATA["root"], "report": f"{R}/data/check.json"}
     if final_stage(w) == "stage2":
         inp["init"] = f"{R}/tokenizers/{w.tok}/stage1/vq.safetensors"
     return inp

@@ -14,9 +14,9 @@ if DATA["source"] == "builtin":
             f"{R}/logs/builtin_data.log",
         localrule: True
         shell:
-            "iar2 data builtin --out {output} --num-classes {params.b[num_classes]} "
-            "--train-per-class {params.b[train_per_class]} --val-per-class {params.b[val_per_class]} "
-            "--size {params.b[size]} --seed {params.b[seed]} > {log} 2>&1"
+            "iar2 data builtin --out {output:q} --num-classes {params.b[num_classes]:q} "
+            "--train-per-class {params.b[train_per_class]:q} --val-per-class {params.b[val_per_class]:q} "
+            "--size {params.b[size]:q} --seed {params.b[seed]:q} > {log:q} 2>&1"
 
 else:
 
@@ -24,11 +24,14 @@ else:
         """An ImageFolder the pipeline cannot make (ImageNet): say where it must be and how to get it."""
         output:
             directory(DATA["root"]),
+        params:
+            scale=SCALE,
         localrule: True
         shell:
-            "echo 'Dataset {output} is missing. Download ImageNet-1k (ILSVRC2012) from https://image-net.org "
-            "(login required) and unpack it as {output}/train/<wnid>/*.JPEG and {output}/val/<wnid>/*.JPEG "
-            "(val sorted into class folders), or set data.root in params/{SCALE}.yaml.' >&2; exit 1"
+            "printf 'Dataset %s is missing. Download ImageNet-1k (ILSVRC2012) from https://image-net.org "
+            "(login required) and unpack it as %s/train/<wnid>/*.JPEG and %s/val/<wnid>/*.JPEG "
+            "(val sorted into class folders), or set data.root in params/%s.yaml.\\n' "
+            "{output:q} {output:q} {output:q} {params.scale:q} >&2; exit 1"
 
 
 rule data_check:
@@ -44,7 +47,7 @@ rule data_check:
     log:
         f"{R}/logs/data_check.log",
     shell:
-        "iar2 data check --root {input} --out {output} > {log} 2>&1"
+        "iar2 data check --root {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule refnet:
@@ -66,6 +69,6 @@ rule refnet:
     log:
         f"{R}/logs/refnet.log",
     shell:
-        "iar2 refnet train --data {input.data} --report {input.report} --out {output} "
-        "--steps {params.r[steps]} --batch-size {params.r[batch_size]} --input-size {params.r[input_size]} "
-        "--seed {params.r[seed]} > {log} 2>&1"
+        "iar2 refnet train --data {input.data:q} --report {input.report:q} --out {output:q} "
+        "--steps {params.r[steps]:q} --batch-size {params.r[batch_size]:q} --input-size {params.r[input_size]:q} "
+        "--seed {params.r[seed]:q} > {log:q} 2>&1"

@@ -7,6 +7,7 @@ rule report:
     input:
         targets=ALL_TARGETS,
         summary=f"{R}/summary.json",
+        paper=PAPER_FILES,  # the paper's numbers and claims the report sets ours beside
     output:
         report(directory(f"reports/{SCALE}"), htmlindex="index.html", caption="../report/report.rst",
                category="Reproduction report"),
@@ -17,6 +18,9 @@ rule report:
     params:
         # spooled MLflow runs are logged first, so the provenance names every number's MLflow run
         sync="iar2 track sync && " if TRACKING == "spool" else "",
+        results=lambda w, input: os.path.dirname(input.summary),
+        paper=lambda w, input: os.path.dirname(input.paper[0]),
     localrule: True
     shell:
-        "({params.sync}iar2 report --results $(dirname {input.summary}) --out {output}) > {log} 2>&1"
+        "({params.sync}iar2 report --results {params.results:q} --paper {params.paper:q} --out {output:q}) "
+        "> {log:q} 2>&1"

@@ -25,10 +25,10 @@ rule vq_train:
     log:
         f"{R}/logs/vq_train/{{tok}}.log",
     shell:
-        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
-        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && {params.env} {params.launch}iar2 vq train --config {params.cfgfile} --out {params.out} "
-        "--resume auto "
-        "> {log} 2>&1"
+        "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
+        "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && "
+        "{params.env} {params.launch}iar2 vq train --config {params.cfgfile:q} --out {params.out:q} "
+        "--resume auto > {log:q} 2>&1"
 
 
 rule vq_train_stage1:
@@ -38,6 +38,7 @@ rule vq_train_stage1:
     input:
         refnet=f"{R}/refnet/refnet.safetensors",
         data=DATA["root"],
+        report=f"{R}/data/check.json",  # the config's data.check_report: its bad images are skipped
     output:
         f"{R}/tokenizers/{{tok}}/stage1/vq.safetensors",
     params:
@@ -53,10 +54,10 @@ rule vq_train_stage1:
     log:
         f"{R}/logs/vq_train/{{tok}}-stage1.log",
     shell:
-        "mkdir -p \"$(dirname {params.cfgfile})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile}.tmp$$ && "
-        "mv -f {params.cfgfile}.tmp$$ {params.cfgfile} && {params.env} {params.launch}iar2 vq train --config {params.cfgfile} --out {params.out} "
-        "--resume auto "
-        "> {log} 2>&1"
+        "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
+        "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && "
+        "{params.env} {params.launch}iar2 vq train --config {params.cfgfile:q} --out {params.out:q} "
+        "--resume auto > {log:q} 2>&1"
 
 
 ruleorder: vq_train_stage1 > vq_train
@@ -83,6 +84,6 @@ rule recon_eval:
     log:
         f"{R}/logs/recon_eval/{{tok}}.log",
     shell:
-        "{params.env} iar2 vq eval --vq {input.vq} --data {input.data} --split val --report {input.report} "
-        "--extractor {params.e[extractor]} --perceptual {params.e[perceptual]} --domain-net {input.refnet} "
-        "--max-images {params.e[max_images]} --out {output} > {log} 2>&1"
+        "{params.env} iar2 vq eval --vq {input.vq:q} --data {input.data:q} --split val --report {input.report:q} "
+        "--extractor {params.e[extractor]:q} --perceptual {params.e[perceptual]:q} --domain-net {input.refnet:q} "
+        "--max-images {params.e[max_images]:q} --out {output:q} > {log:q} 2>&1"
