@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from iar2.ar.gpt import compute_dtype
 from iar2.ar.model import ARModel
 from iar2.ar.pag_cfg import GuidanceConfig, apply_cfg, guidance_scale
 
@@ -159,7 +160,7 @@ def generate(model: ARModel, labels: torch.Tensor, indices: torch.Tensor, cfg: S
             hier = mc.paradigm == "fused_hierarchical"
             if hier and cfg.kv_cache:
                 p0 = next(model.parameters())
-                model.head.setup_cache(labels2.shape[0], p0.dtype, p0.device)
+                model.head.setup_cache(labels2.shape[0], compute_dtype(model), p0.device)
             use_ctx = hier and model.head.use_context
             H = None
             for i in range(M):

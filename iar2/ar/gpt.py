@@ -118,6 +118,26 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return out.flatten(3).type_as(x)
 
 
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype activations have inside `module`: the autocast dtype when autocast is on for its device,
+    else its weights' dtype. KV caches are made in it, so autocast's bf16 keys fit a cache of fp32 weights."""
+    p = next(module.parameters())
+    if torch.is_autocast_enabled(p.device.type):
+        return torch.get_autocast_dtype(p.device.type)
+    return p.dtype
+
+
+class Fp32Rope(nn.Module):
+    """Keeps the buffer `rope` in float32 through `module.to(dtype)`: a bf16 rotary table is off by up to
+    ~0.4 % at position 576 (cos/sin rounded to 8 bits), which the fp32 rotation in apply_rope would not undo."""
+
+    def _apply(self, fn, recurse=True):
+        rope = self.rope
+        out = super()._apply(fn, recurse)
+        self.rope = rope.to(device=self.rope.device)
+        return out
+
+
 class KVCache(nn.Module):
     def __init__(self, batch: int, seq: int, n_head: int, head_dim: int, dtype, device):
         super().__init__()
@@ -195,7 +215,7 @@ class LabelEmbedding(nn.Module):
         return self.embedding_table(labels)
 
 
-class Backbone(nn.Module):
+class Backbone(Fp32Rope):
     """Class embedding + transformer layers. `forward(cls_emb_labels, x_emb)` -> hidden states (not normed)."""
 
     def __init__(self, cfg: BackboneConfig):
@@ -223,10 +243,11 @@ class Backbone(nn.Module):
 
     # ---- incremental decoding with a KV cache
     def setup_caches(self, batch: int, dtype=None, device=None):
+        """KV caches in the compute dtype (see compute_dtype) unless `dtype` is given."""
         p = next(self.parameters())
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, self.cfg.seq_len, self.cfg.n_head, self.cfg.head_dim,
-                                               dtype or p.dtype, device or p.device)
+                                               dtype or compute_dtype(self), device or p.device)
 
     def clear_caches(self):
         for layer in self.layers:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from iar2.ar.gpt import BackboneConfig, TransformerBlock
+from iar2.ar.gpt import BackboneConfig, Fp32Rope, TransformerBlock
 
 # (drow, dcol) of the 12 causal neighbours, in the order their features are concatenated
 WINDOW_OFFSETS = [(-2, -2), (-2, -1), (-2, 0), (-2, 1), (-2, 2),
@@ -89,7 +89,7 @@ class LocalContext(nn.Module):
         return self.mlp2(g.flatten(2))
 
 
-class SemanticDetailHead(nn.Module):
+class SemanticDetailHead(Fp32Rope):
     """Hierarchical semantic -> detail prediction with an optional local context (Sec. 4.3.2 / 4.4)."""
 
     def __init__(self, cfg: BackboneConfig, n_layer: int, semantic_size: int, detail_size: int,
