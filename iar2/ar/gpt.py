@@ -267,8 +267,11 @@ class Backbone(Fp32Rope):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def step(self, h_in: torch.Tensor, start: int) -> torch.Tensor:
-        """Feed embeddings h_in (B, S, D) at sequence positions start..start+S-1 using the KV caches."""
+    def step(self, h_in: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Feed embeddings h_in (B, S, D) at sequence positions start..start+S-1 using the KV caches.
+        `start` may also be the positions themselves (a tensor of consecutive positions)."""
+        if torch.is_tensor(start):
+            start = int(start.reshape(-1)[0])
         rope = self.rope[start:start + h_in.shape[1]]
         h = h_in
         for layer in self.layers:
