@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from iar2 import fingerprint
-from iar2.ar.generate import SamplingConfig, generate
+from iar2.ar.generate import SamplingConfig, generate, sampling_autocast
 from iar2.config import config_hash, load_config, to_dict
 from iar2.io import atomic_path, atomic_write_json
 
@@ -105,8 +105,7 @@ def sample_run(ar_path, vq_path, out, cfg: SampleRunConfig, job: int = 0, jobs: 
     mine = [k for k in range(n_chunks) if k % workers == job * info.world_size + info.rank]
     todo = [k for k in mine if not (out / "chunks" / f"chunk_{k:05d}.npz").is_file()]
     log.info("%d samples in %d chunks; this process: %d chunks, %d left", len(idx), n_chunks, len(mine), len(todo))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" and dev.type == "cuda" \
-        else torch.autocast("cpu", enabled=False)
+    autocast = sampling_autocast(cfg.precision, dev)  # bf16 only where it is native: see the README
     scorer = None
     if cfg.reject.factor > 1:
         from iar2.reject_sampling import Scorer

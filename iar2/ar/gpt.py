@@ -110,12 +110,39 @@ def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, cls_tokens: i
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x: (B, S, H, Dh); table: (S, Dh/2, 2). Interleaved pairs (2m, 2m+1), computed in float32."""
+    """x: (B, S, ..., Dh); table: (S, Dh/2, 2). Interleaved pairs (2m, 2m+1), computed in float32.
+
+    The dims between S and Dh (heads; or (2, H) for q and k rotated in one pass) share the table."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    t = table[None, :, None]  # (1, S, 1, Dh/2, 2)
+    t = table.view(1, table.shape[0], *([1] * (x.dim() - 3)), *table.shape[1:])
     out = torch.stack([xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1],
                        xs[..., 1] * t[..., 0] + xs[..., 0] * t[..., 1]], dim=-1)
-    return out.flatten(3).type_as(x)
+    return out.flatten(-2).type_as(x)
+
+
+def causal_mask(s: int, n_keys: int, device) -> torch.Tensor:
+    """(s, n_keys) bool: the s newest positions of a sequence of n_keys attend to themselves and the past."""
+    return torch.ones(s, n_keys, dtype=torch.bool, device=device).tril(n_keys - s)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype activations have inside `module`: the autocast dtype when autocast is on for its device,
+    else its weights' dtype. KV caches are made in it, so autocast's bf16 keys fit a cache of fp32 weights."""
+    p = next(module.parameters())
+    if torch.is_autocast_enabled(p.device.type):
+        return torch.get_autocast_dtype(p.device.type)
+    return p.dtype
+
+
+class Fp32Rope(nn.Module):
+    """Keeps the buffer `rope` in float32 through `module.to(dtype)`: a bf16 rotary table is off by up to
+    ~0.4 % at position 576 (cos/sin rounded to 8 bits), which the fp32 rotation in apply_rope would not undo."""
+
+    def _apply(self, fn, recurse=True):
+        rope = self.rope
+        out = super()._apply(fn, recurse)
+        self.rope = rope.to(device=self.rope.device)
+        return out
 
 
 class KVCache(nn.Module):
@@ -125,10 +152,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k[:, :, pos] = k
-        self.v[:, :, pos] = v
-        return self.k, self.v
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, S, Dh) at positions start..start+S-1; return the keys and values up to there.
+
+        A slice copy, not an index_put, and only the filled prefix is read back: attention then needs no
+        mask over the empty tail (and reads half the cache on average)."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end].copy_(k)
+        self.v[:, :, start:end].copy_(v)
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -142,27 +174,29 @@ class Attention(nn.Module):
         self.record_attn = False  # when set, keep the probability each query pays to key 0 (the class token)
         self.attn_to_cond: torch.Tensor | None = None
 
-    def forward(self, x, rope, pos: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    def forward(self, x, rope, start: int | None = None):
+        """Full causal pass (start None), or with the KV cache: x holds positions start..start+S-1."""
         B, S, D = x.shape
-        q, k, v = self.wqkv(x).split(D, dim=-1)
-        q, k, v = (t.view(B, S, self.n_head, self.head_dim) for t in (q, k, v))
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, Dh)
-        if self.kv_cache is not None and pos is not None:
-            k, v = self.kv_cache.update(pos, k, v)
+        qkv = self.wqkv(x).view(B, S, 3, self.n_head, self.head_dim)
+        qk = apply_rope(qkv[:, :, :2], rope)  # q and k in one pass
+        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # (B, H, S, Dh)
+        if self.kv_cache is not None and start is not None:
+            k, v = self.kv_cache.update(start, k, v)
+        n_keys = k.shape[2]
         if self.record_attn:
             # explicit softmax so the attention paid to the class token (key 0) can be read
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if mask is None:
-                mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            scores = scores.float().masked_fill(~mask, float("-inf"))
+            scores = ((q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)).float()
+            if S > 1:
+                scores = scores.masked_fill(~causal_mask(S, n_keys, x.device), float("-inf"))
             probs = scores.softmax(-1)
             self.attn_to_cond = probs[..., 0]  # (B, H, S): each head's weight on the class token
             y = probs.type_as(v) @ v
-        elif mask is None:
+        elif S == 1:  # one new query sees every cached key
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif S == n_keys:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(S, n_keys, x.device))
         y = y.transpose(1, 2).reshape(B, S, D)
         return self.resid_drop(self.wo(y))
 
@@ -175,8 +209,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, rope, pos=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), rope, pos, mask)
+    def forward(self, x, rope, start: int | None = None):
+        h = x + self.attention(self.attention_norm(x), rope, start)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -195,7 +229,7 @@ class LabelEmbedding(nn.Module):
         return self.embedding_table(labels)
 
 
-class Backbone(nn.Module):
+class Backbone(Fp32Rope):
     """Class embedding + transformer layers. `forward(cls_emb_labels, x_emb)` -> hidden states (not normed)."""
 
     def __init__(self, cfg: BackboneConfig):
@@ -223,23 +257,25 @@ class Backbone(nn.Module):
 
     # ---- incremental decoding with a KV cache
     def setup_caches(self, batch: int, dtype=None, device=None):
+        """KV caches in the compute dtype (see compute_dtype) unless `dtype` is given."""
         p = next(self.parameters())
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, self.cfg.seq_len, self.cfg.n_head, self.cfg.head_dim,
-                                               dtype or p.dtype, device or p.device)
+                                               dtype or compute_dtype(self), device or p.device)
 
     def clear_caches(self):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def step(self, h_in: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Feed embeddings h_in (B, S, D) at sequence positions `pos` (S,) using the KV caches."""
-        L = self.cfg.seq_len
-        mask = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None])  # (S, L): attend to keys <= pos
-        rope = self.rope[pos]
+    def step(self, h_in: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Feed embeddings h_in (B, S, D) at sequence positions start..start+S-1 using the KV caches.
+        `start` may also be the positions themselves (a tensor of consecutive positions)."""
+        if torch.is_tensor(start):
+            start = int(start.reshape(-1)[0])
+        rope = self.rope[start:start + h_in.shape[1]]
         h = h_in
         for layer in self.layers:
-            h = layer(h, rope, pos, mask)
+            h = layer(h, rope, start)
         return h
 
     def label_embed(self, labels):

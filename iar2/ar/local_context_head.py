@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from iar2.ar.gpt import BackboneConfig, TransformerBlock
+from iar2.ar.gpt import BackboneConfig, Fp32Rope, TransformerBlock
 
 # (drow, dcol) of the 12 causal neighbours, in the order their features are concatenated
 WINDOW_OFFSETS = [(-2, -2), (-2, -1), (-2, 0), (-2, 1), (-2, 2),
@@ -69,14 +69,21 @@ class LocalContext(nn.Module):
         else:
             self.mlp2 = _mlp(n * dim, 2 * dim, dim)
 
+    def zero_feature(self, h: torch.Tensor) -> torch.Tensor:
+        """An out-of-grid neighbour is a zero hidden state, so it contributes mlp1(0) (a bias), not 0."""
+        D = h.shape[-1]
+        return self.mlp1(h.new_zeros(1, D))[0] if self.mode == "compressed" else h.new_zeros(D)
+
+    # set by the sampler for one generation (weights fixed): the zero feature, computed once, not per cell
+    decode_zero: torch.Tensor | None = None
+
     def forward(self, h: torch.Tensor, cell: int | None = None) -> torch.Tensor:
         """h: (B, P, D) per-cell backbone states; row q is the state neighbour q contributes (for source
         "token" the owner passes the outputs shifted by one). Returns contexts (B, P, D) for all cells, or
         (B, 1, D) for one `cell` (incremental decoding: only its 12 neighbours are touched)."""
         B, P, D = h.shape
         compressed = self.mode == "compressed"
-        # an out-of-grid neighbour is a zero hidden state, so it contributes mlp1(0) (a bias), not 0
-        zero = self.mlp1(h.new_zeros(1, D))[0] if compressed else h.new_zeros(D)
+        zero = self.decode_zero if cell is not None and self.decode_zero is not None else self.zero_feature(h)
         if cell is None:
             feats = self.mlp1(h) if compressed else h  # per-row MLP first: cheaper than per (cell, neighbour)
             g = feats[:, self.idx[:P]]  # (B, P, 12, F)
@@ -89,7 +96,7 @@ class LocalContext(nn.Module):
         return self.mlp2(g.flatten(2))
 
 
-class SemanticDetailHead(nn.Module):
+class SemanticDetailHead(Fp32Rope):
     """Hierarchical semantic -> detail prediction with an optional local context (Sec. 4.3.2 / 4.4)."""
 
     def __init__(self, cfg: BackboneConfig, n_layer: int, semantic_size: int, detail_size: int,
@@ -115,16 +122,13 @@ class SemanticDetailHead(nn.Module):
         nn.init.zeros_(self.output1[2].weight)
         nn.init.zeros_(self.output2[2].weight)
 
-    def _run(self, seq: torch.Tensor, norm: nn.Module, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Full causal pass, or (pos given, caches set) an incremental pass of new slots at positions `pos`."""
-        if pos is None:
-            rope, mask = self.rope[: seq.shape[1]], None
-        else:
-            rope = self.rope[pos]
-            mask = torch.arange(self.rope.shape[0], device=seq.device)[None, :] <= pos[:, None]
+    def _run(self, seq: torch.Tensor, norm: nn.Module, start: int | None = None, last: bool = False) -> torch.Tensor:
+        """Full causal pass, or (start given, caches set) an incremental pass of new slots start..start+S-1.
+        last: normalise only the last slot (the one whose logits are read)."""
+        rope = self.rope[: seq.shape[1]] if start is None else self.rope[start:start + seq.shape[1]]
         for blk in self.blocks:
-            seq = blk(seq, rope, pos, mask)
-        return norm(seq)
+            seq = blk(seq, rope, start)
+        return norm(seq[:, -1]) if last else norm(seq)
 
     def setup_cache(self, batch: int, dtype, device) -> None:
         """KV caches for incremental decoding: the semantic step fills [c, h], the detail step adds one slot."""
@@ -154,18 +158,16 @@ class SemanticDetailHead(nn.Module):
     def predict_semantic(self, h: torch.Tensor, ctx: torch.Tensor | None, norm: nn.Module) -> torch.Tensor:
         """Inference step 1: semantic logits from [c, h] (B, D) -> (B, V_s). Fills the head caches if set."""
         parts = ([ctx] if self.use_context else []) + [h]
-        pos = torch.arange(len(parts), device=h.device) if self._cached() else None
-        out = self._run(torch.stack(parts, dim=1), norm, pos)
-        return self.output1(out[:, -1]).float()
+        out = self._run(torch.stack(parts, dim=1), norm, 0 if self._cached() else None, last=True)
+        return self.output1(out).float()
 
     def predict_detail(self, h: torch.Tensor, ctx: torch.Tensor | None, sem_emb: torch.Tensor, norm: nn.Module):
         """Inference step 2: detail logits from [c, h, Emb_s(k)], each (B, D) -> (B, V_d).
 
         With caches set (after predict_semantic for the same patch) only the new slot is computed."""
         if self._cached():
-            pos = torch.tensor([self.rope.shape[0] - 1], device=h.device)
-            out = self._run(sem_emb[:, None], norm, pos)
+            out = self._run(sem_emb[:, None], norm, self.rope.shape[0] - 1, last=True)
         else:
             parts = ([ctx] if self.use_context else []) + [h, sem_emb]
-            out = self._run(torch.stack(parts, dim=1), norm)
-        return self.output2(out[:, -1]).float()
+            out = self._run(torch.stack(parts, dim=1), norm, last=True)
+        return self.output2(out).float()
