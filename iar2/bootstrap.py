@@ -112,3 +112,15 @@ def verdict(interval: tuple[float, float], claimed: str = "negative") -> str:
     if not (below or above):
         return INCONCLUSIVE
     return REPRODUCED if below == (claimed == "negative") else CONTRADICTED
+
+
+def support_verdict(holds, level: float = 0.95) -> str:
+    """Decide a claim that is true or false in each bootstrap replicate (a shape, an argmin): reproduced when it
+    holds in at least 1 - (1 - level) / 2 of them, contradicted when in at most (1 - level) / 2, else inconclusive.
+    For one difference this is the percentile interval lying on one side of 0 (`verdict`)."""
+    h = np.asarray(holds, bool)
+    if h.size < 2:
+        raise ValueError("a verdict needs at least two replicates")
+    a = (1.0 - level) / 2
+    p = h.mean()
+    return REPRODUCED if p >= 1.0 - a else CONTRADICTED if p <= a else INCONCLUSIVE

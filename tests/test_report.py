@@ -354,7 +354,7 @@ def test_settings_tables_from_resolved_configs(report):
 def test_claims_checklist(report):
     res = {r["id"]: r for r in report["summary"]["claims"]["results"]}
     expect = {"C1": "reproduced", "C2": "reproduced", "C3": "reproduced", "C3b": "reproduced", "C4": "missing",
-              "C6": "missing", "C7": "reproduced", "C8": "reproduced", "C9": "not reproduced", "C10": "reproduced",
+              "C6": "missing", "C7": "reproduced", "C8": "reproduced", "C9": "contradicted", "C10": "reproduced",
               "C11": "missing", "C13": "missing", "C13b": "reproduced", "C15": "missing", "C18": "reproduced",
               "C20": "reproduced", "C20b": "reproduced", "C22": "missing", "C23": "missing", "C24": "reproduced",
               "C25": "n/a", "C27": "missing"}
@@ -364,7 +364,8 @@ def test_claims_checklist(report):
     assert sum(tally.values()) == len(res) == len(load_claims(PAPER / "claims.yaml"))
     assert tally["reproduced"] == sum(r["status"] == "reproduced" for r in res.values())
     claims_md = (report["out"] / "claims.md").read_text()
-    assert f"**{tally['reproduced']} reproduced, {tally['not reproduced']} not reproduced, {tally['missing']} missing" in claims_md
+    assert (f"**{tally['reproduced']} reproduced, {tally['contradicted']} contradicted, {tally['inconclusive']} "
+            f"inconclusive, {tally['missing']} missing") in claims_md
     assert 'id="claim-C9"' in report["html"]
 
 
@@ -397,7 +398,7 @@ def test_rules_hold_on_the_papers_own_numbers():
     # and a rule that is false on them is reported as such (IS does not rise B -> L -> XL -> XXL everywhere)
     bad = {"ordered": {"from": "table3", "col": "is", "group_by": ["tokens", "epochs", "method"], "by": "size",
                        "order": ["B", "L", "XL", "XXL"], "direction": "increasing"}}
-    assert evaluate(bad, data).status == "not reproduced"
+    assert evaluate(bad, data).status == "contradicted"
 
 
 def test_no_registry_renders_everything_missing(tmp_path):
@@ -406,7 +407,7 @@ def test_no_registry_renders_everything_missing(tmp_path):
                      "--paper", str(PAPER)]) == 0
     s = json.loads((tmp_path / "out/summary.json").read_text())
     assert all(t["ours"] == 0 for t in s["tables"].values()) and len(s["tables"]) == 13
-    assert s["claims"]["tally"]["reproduced"] == 0 and s["claims"]["tally"]["not reproduced"] == 0
+    assert s["claims"]["tally"]["reproduced"] == 0 and s["claims"]["tally"]["contradicted"] == 0
     assert all(f["status"] == "missing" for f in s["figures"].values())
     assert (tmp_path / "out/figures/fig4.png").is_file()  # the paper's points still drawn
 

@@ -114,7 +114,8 @@ def _codebook_sweep(v: FigureView, reg: dict, results: Results) -> None:
     for p in reg.get("points") or []:
         row = {"x": p.get("x"), "label": p.get("label"), "actual_size": p.get("actual_size"),
                "rfid": _resolve(v, results, p.get("rfid")),
-               "gfid": _resolve(v, results, p.get("gfid"))}
+               "gfid": _resolve(v, results, p.get("gfid")),
+               **results.intervals_of({"rfid": p.get("rfid"), "gfid": p.get("gfid")})}
         row["_ok"] = row["rfid"] is not None or row["gfid"] is not None
         v.rows.append(row)
 
@@ -123,12 +124,14 @@ def _cfg_sweep(v: FigureView, reg: dict, results: Results) -> None:
     for s in reg.get("series") or []:
         for p in s.get("static") or []:
             row = {"series": s.get("label"), "model": s.get("label"), "mode": "static", "x": p.get("x"),
-                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is"))}
+                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is")),
+                   **results.intervals_of({"fid": p.get("fid"), "is": p.get("is")})}
             v.rows.append(derive_columns({**row, "_ok": row["fid"] is not None or row["is"] is not None}))
         if s.get("pag"):
             p = s["pag"]
             row = {"series": s.get("label"), "model": s.get("label"), "mode": "pag", "x": None,
-                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is"))}
+                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is")),
+                   **results.intervals_of({"fid": p.get("fid"), "is": p.get("is")})}
             v.rows.append(derive_columns({**row, "_ok": row["fid"] is not None or row["is"] is not None}))
 
 
@@ -140,7 +143,8 @@ def _points(v: FigureView, reg: dict, results: Results) -> None:
             if params is None and p.get("params_file"):  # our model's size, from the trained run's model.json
                 params = (results.read_json(p["params_file"]) or {}).get("params")
             row = {"series": s.get("label"), "x": p.get("x"), "params": params,
-                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is"))}
+                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is")),
+                   **results.intervals_of({"fid": p.get("fid"), "is": p.get("is")})}
             if v.kind == "scaling":  # series = method, x = size
                 row = derive_columns({**row, "model": f"{s.get('label')}-{p.get('x')}"})
             else:  # series = a model ("IAR2-B") or a method
