@@ -507,3 +507,21 @@ def test_snakemake_report_captions_render():
         assert "``ci``" in text
         body = publish_parts(text, writer="html", settings_overrides={"halt_level": 2, "report_level": 2})["body"]
         assert "system-message" not in body and "<code" in body.replace("<tt", "<code"), p.name
+
+
+def test_a_figure_panel_is_its_rows_of_the_sample_sheet(tmp_path):
+    # Figures 9-11 come from one sheet (one row per class): a panel is rows [first, stop) of it
+    import numpy as np
+    from PIL import Image
+
+    from iar2.report.figures import _copy_grid
+
+    sheet = np.zeros((3 * 10, 20, 3), np.uint8)
+    for r, colour in enumerate(((255, 0, 0), (0, 255, 0), (0, 0, 255))):
+        sheet[r * 10:(r + 1) * 10] = colour
+    Image.fromarray(sheet).save(tmp_path / "grid.png")
+    _copy_grid(tmp_path / "grid.png", tmp_path / "p.png", [1, 3], 3)
+    got = np.asarray(Image.open(tmp_path / "p.png"))
+    assert got.shape == (20, 20, 3) and (got[:10] == (0, 255, 0)).all() and (got[10:] == (0, 0, 255)).all()
+    _copy_grid(tmp_path / "grid.png", tmp_path / "all.png", None, None)
+    assert (tmp_path / "all.png").read_bytes() == (tmp_path / "grid.png").read_bytes()

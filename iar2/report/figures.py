@@ -194,7 +194,8 @@ def _grid(v: FigureView, reg: dict, results: Results) -> None:
         p = results.path(im.get("file"))
         present = bool(p and p.is_file())
         v.images.append({"label": im.get("label") or im.get("file"), "file": im.get("file"), "run": im.get("run"),
-                         "present": present, "src": f"figures/{v.name}-{i}.png" if present else None})
+                         "present": present, "src": f"figures/{v.name}-{i}.png" if present else None,
+                         "rows": im.get("rows"), "of": im.get("of")})
         v.cells.append(Cell(status="ok" if present else "missing", file=im.get("file"), run=im.get("run")))
 
 
@@ -272,7 +273,7 @@ def render_figures(views: list[FigureView], results: Results, out_dir: Path) -> 
         if v.kind == "grid":
             for im in v.images:
                 if im["present"]:
-                    shutil.copyfile(results.path(im["file"]), out_dir / im["src"])
+                    _copy_grid(results.path(im["file"]), out_dir / im["src"], im.get("rows"), im.get("of"))
             continue
         fig = PLOTTERS[v.kind](v)
         fig.suptitle(v.title, fontsize=10)
@@ -286,6 +287,18 @@ def render_figures(views: list[FigureView], results: Results, out_dir: Path) -> 
             (fig_dir / f"{v.name}.{fmt_}").write_bytes(buf.getvalue())
             v.files[fmt_] = f"figures/{v.name}.{fmt_}"
         plt.close(fig)
+
+
+def _copy_grid(src: Path, dst: Path, rows: list | None, of: int | None) -> None:
+    """Copy a sample sheet, or only rows [first, stop) of its `of` equal class rows (one figure of App. E)."""
+    if not rows or not of:
+        shutil.copyfile(src, dst)
+        return
+    from PIL import Image
+
+    with Image.open(src) as im:
+        h = im.height / of
+        im.crop((0, round(rows[0] * h), im.width, round(rows[1] * h))).save(dst, format="PNG")
 
 
 def _legend(ax, **kw) -> None:
