@@ -525,3 +525,17 @@ def test_a_figure_panel_is_its_rows_of_the_sample_sheet(tmp_path):
     assert got.shape == (20, 20, 3) and (got[:10] == (0, 255, 0)).all() and (got[10:] == (0, 0, 255)).all()
     _copy_grid(tmp_path / "grid.png", tmp_path / "all.png", None, None)
     assert (tmp_path / "all.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
+
+
+def test_readings_table_in_readme_and_report(report):
+    from iar2.report.readings import COLUMNS, load_readings, markdown_table
+
+    rows = load_readings(PAPER)
+    topics = " ".join(r["topic"] for r in rows)
+    for must in ("Local-context source", "Rotary", "PAG-CFG progress", "alternating and grouped", "LlamaGen and IAR",
+                 "Figure 3", "Equal training time", "Table 1's (256, 4096)", "Table 13"):
+        assert must in topics
+    assert all(str(r[k]).strip() for r in rows for k, _ in COLUMNS)
+    assert markdown_table(rows) in (Path(__file__).resolve().parents[1] / "README.md").read_text()  # README's copy equals the source
+    assert 'id="readings"' in report["html"] and "context_source: token" in report["html"]
+    assert "## Readings and deviations" in report["md"]

@@ -89,13 +89,17 @@ def render_report(results_dir: str | Path, out_dir: str | Path, paper_dir: str |
         log.warning("no claims file at %s: the checklist is empty", claims_path)
     checked = cl.check_claims(claim_list, cl.Dataset(ours_rows), cl.Dataset(paper_rows, paper=True))
 
+    from iar2.report.readings import load_readings
+
+    readings = load_readings(paper)
     generated = rd.now_utc()
     out = Path(out_dir)
     # Build the whole folder beside the target and rename it into place: readers never see half a report.
     with atomic_path(out, is_dir=True) as tmp:
         fg.render_figures(figures, results, tmp)
-        (tmp / "index.html").write_text(rd.render_html(results, prov, tables, figures, checked, generated))
-        (tmp / "report.md").write_text(rd.render_markdown(results, prov, tables, figures, checked, generated))
+        (tmp / "index.html").write_text(rd.render_html(results, prov, tables, figures, checked, generated, readings))
+        (tmp / "report.md").write_text(rd.render_markdown(results, prov, tables, figures, checked, generated,
+                                                          readings))
         (tmp / "claims.md").write_text(rd.md_claims(checked, results.scale))
         rd.write_json(tmp / "provenance.json", rd.provenance_records(tables, figures, prov))
         summary = rd.summary(results, prov, tables, figures, checked)

@@ -200,11 +200,14 @@ def html_claims(results: list[ClaimResult]) -> str:
 
 
 def render_html(results: Results, prov: Provenance, tables: list[TableView], figures: list[FigureView],
-                claims: list[ClaimResult], generated: str) -> str:
+                claims: list[ClaimResult], generated: str, readings: list[dict] | None = None) -> str:
+    from iar2.report.readings import html_table as readings_html
+
     scale = results.scale
     nav = " ".join(f'<a href="#{t.name}">T{t.number}</a>' for t in tables)
     nav += " " + " ".join(f'<a href="#{f.name}">{_e(figure_label(f.name))}</a>' for f in figures)
-    nav += ' <a href="#claims">Claims</a> <a href="#rerun">Rerun</a> <a href="#protocol">Protocol</a>'
+    nav += (' <a href="#claims">Claims</a> <a href="#rerun">Rerun</a> <a href="#protocol">Protocol</a>'
+            ' <a href="#readings">Readings</a>')
     t = tally(claims)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -221,6 +224,7 @@ def render_html(results: Results, prov: Provenance, tables: list[TableView], fig
         "its run, file, config hash, MLflow run and DVC hash.</p>",
         f"<nav>{nav}</nav>",
         f'<h2 id="protocol">Protocol behind our numbers</h2>{html_protocol(_global_protocol(results))}',
+        '<h2 id="readings">Readings and deviations</h2>' + readings_html(readings or []),
         "<h2>Tables</h2>",
     ]
     for tv in tables:
@@ -308,7 +312,9 @@ def md_claims(claims: list[ClaimResult], scale: str) -> str:
 
 
 def render_markdown(results: Results, prov: Provenance, tables: list[TableView], figures: list[FigureView],
-                    claims: list[ClaimResult], generated: str) -> str:
+                    claims: list[ClaimResult], generated: str, readings: list[dict] | None = None) -> str:
+    from iar2.report.readings import markdown_table
+
     scale = results.scale
     t = tally(claims)
     out = [f"# IAR2 reproduction report: scale `{scale}`", "",
@@ -317,6 +323,7 @@ def render_markdown(results: Results, prov: Provenance, tables: list[TableView],
            f"Claims: {tally_text(t)} (see [claims.md](claims.md)). Per-number provenance: `provenance.json`.", "",
            "## Protocol behind our numbers", ""]
     out += [f"- **{k}**: {v}" for k, v in _global_protocol(results).items()]
+    out += ["", "## Readings and deviations", "", markdown_table(readings or [])]
     out += ["", "## Tables", ""]
     for tv in tables:
         c = tv.counts
