@@ -66,11 +66,16 @@ def manifold_indicators(a: torch.Tensor, b: torch.Tensor, k: int = 3, batch: int
 
 
 def replicates(gen_fid: torch.Tensor, ref_fid: torch.Tensor, gen_logits: torch.Tensor, isc_splits: int,
-               gen_prc: torch.Tensor, ref_prc: torch.Tensor, b: int, seed: int = 0, k: int = 3) -> dict:
+               gen_prc: torch.Tensor, ref_prc: torch.Tensor, b: int, seed: int = 0, k: int = 3,
+               device: str | torch.device | None = None) -> dict:
     """B bootstrap replicates of each metric (lists of floats), plus the point values of precision / recall
-    from the same indicators. Features stay on their device; statistics in float64."""
+    from the same indicators. Statistics in float64 on `device` (default: where the features are; at the paper
+    scale, 50k x 2048 features, a GPU makes the B weighted covariances cheap)."""
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 
+    if device is not None:
+        gen_fid, ref_fid, gen_logits, gen_prc, ref_prc = (x.to(device) for x in
+                                                          (gen_fid, ref_fid, gen_logits, gen_prc, ref_prc))
     g, r = gen_fid.double(), ref_fid.double()
     ng, nr = len(g), len(r)
     in_ref = manifold_indicators(gen_prc.double(), ref_prc.double(), k)  # precision terms, one per generated
