@@ -100,6 +100,7 @@ rule gen_metrics:
     params:
         m=config["gen_metrics"],
         ref=lambda w: f"--ref-npz {config['gen_metrics']['ref_npz']}" if config["gen_metrics"].get("ref_npz") else "",
+        boot=lambda w: config["gen_metrics"].get("bootstrap", 200),  # replicates for the claims' intervals
         cache=f"{R}/cache/reference",
         env=lambda w: tag("gen_metrics", f"ar/{w.run}/e{w.epoch}/{w.guidance}",
                           ",".join(sorted(PLAN.samples[f"{w.run}/e{w.epoch}/{w.guidance}"].tables))),
@@ -112,5 +113,6 @@ rule gen_metrics:
     shell:
         "{params.env} iar2 metrics --samples {input.samples} --data {input.data} --split train "
         "--report {input.report} --extractor {params.m[extractor]} --domain-net {input.refnet} "
-        "--max-reference {params.m[max_reference]} {params.ref} --cache-dir {params.cache} --out {output} "
+        "--max-reference {params.m[max_reference]} {params.ref} --bootstrap {params.boot} --cache-dir {params.cache} "
+        "--out {output} "
         "> {log} 2>&1"
