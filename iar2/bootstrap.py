@@ -129,3 +129,19 @@ def support_verdict(holds, level: float = 0.95) -> str:
     a = (1.0 - level) / 2
     p = h.mean()
     return REPRODUCED if p >= 1.0 - a else CONTRADICTED if p <= a else INCONCLUSIVE
+
+
+def recon_replicates(original: torch.Tensor, reconstructed: torch.Tensor, per_image: dict[str, torch.Tensor], b: int,
+                     seed: int = 0) -> dict:
+    """B replicates of a tokenizer's reconstruction metrics: image i's original and reconstruction are resampled
+    together (rFID of the resampled pairs; the mean of per-image PSNR / SSIM / LPIPS). Every tokenizer of a scale
+    evaluates the same images, so replicate b resamples the same images for all of them (paired differences)."""
+    o, r = original.double(), reconstructed.double()
+    n = len(o)
+    out = {"rfid": [], **{k: [] for k in per_image}}
+    for i in range(b):
+        w = torch.as_tensor(resample_counts(seed, i, n), dtype=torch.float64, device=o.device)
+        out["rfid"].append(frechet_distance_torch(*weighted_stats(r, w), *weighted_stats(o, w)))
+        for k, v in per_image.items():
+            out[k].append(float((w.to(v.device) * v.double()).sum() / n))
+    return {"replicates": b, "seed": seed, "num_generated": n, "num_reference": n, **out}
