@@ -94,3 +94,11 @@ def test_percentile_interval():
     assert (lo, hi) == pytest.approx((25.0, 975.0))
     with pytest.raises(ValueError):
         percentile_interval([1.0])
+
+
+@pytest.mark.parametrize("held,want", [(200, REPRODUCED), (195, REPRODUCED), (194, INCONCLUSIVE),
+                                       (100, INCONCLUSIVE), (6, INCONCLUSIVE), (5, CONTRADICTED), (0, CONTRADICTED)])
+def test_support_verdict_matches_a_two_sided_95_percent_interval(held, want):
+    from iar2.bootstrap import support_verdict
+
+    assert support_verdict([True] * held + [False] * (200 - held)) == want
