@@ -111,7 +111,7 @@ def reference_features(ext, root, split, size, max_images=None, report=None, cac
 
 def evaluate_samples(samples, data_root, split="train", extractor="domain", domain_net=None, weights_dir=None,
                      max_reference=50000, ref_npz=None, report=None, device="auto", batch_size=64,
-                     cache_dir=None) -> dict:
+                     cache_dir=None, bootstrap=0, bootstrap_seed=0) -> dict:
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
@@ -140,13 +140,20 @@ def evaluate_samples(samples, data_root, split="train", extractor="domain", doma
     if ref_npz:  # ADM protocol: FID against the reference batch's statistics
         res["fid_ref_npz"] = frechet_distance(mu_g, sig_g, *load_reference_stats(ref_npz))
         res["ref_npz"] = str(ref_npz)
+    if bootstrap:  # replicates for the claims' intervals (iar2.bootstrap): same features, resampled rows
+        from iar2.bootstrap import replicates
+
+        from iar2.metrics import _device
+
+        res["bootstrap"] = replicates(g[ext.layer_fid], ref, g[ext.layer_isc], splits, g[ext.layer_prc], ref,
+                                      bootstrap, bootstrap_seed, device=_device(device))
     res["num_classes_sampled"] = int(len(np.unique(labels)))
     res["image_size"] = int(size)
     return res
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import positive_int  # argparse types with a range
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--samples", required=True, help="samples.npz from `iar2 sample` (arr_0: N x H x W x 3 uint8)")
     p.add_argument("--data", required=True, help="ImageFolder root of the reference images")
     p.add_argument("--split", default="train", help="reference split (default: train, as ADM/LlamaGen)")
@@ -160,6 +167,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", help="`iar2 data check` report: its bad images are excluded")
     p.add_argument("--cache-dir", help="folder caching reference features (computed once per reference set)")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--bootstrap", type=nonneg_int, default=200,
+                   help="bootstrap replicates of every metric for the claims' intervals (0: none)")
+    p.add_argument("--bootstrap-seed", type=nonneg_int, default=0,
+                   help="seed of the resample indices; keep it equal across the jobs whose metrics are compared")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="metrics JSON")
 
@@ -179,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> dict:
     res = evaluate_samples(args.samples, args.data, args.split, args.extractor, args.domain_net, args.weights_dir,
                            args.max_reference, args.ref_npz, args.report, args.device, args.batch_size,
-                           args.cache_dir)
+                           args.cache_dir, getattr(args, "bootstrap", 0), getattr(args, "bootstrap_seed", 0))
     atomic_write_json(args.out, res)
     log.info("FID %.3f  IS %.2f  precision %.3f  recall %.3f (%s extractor) -> %s", res["fid"], res["isc_mean"],
              res["precision"], res["recall"], res["extractor"], args.out)

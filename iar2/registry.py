@@ -385,8 +385,15 @@ class Plan:
                 out["series"].append({"label": f"IAR2-{size}", "run": f"ar/{rid}"})
         elif kind == "grid":
             ss = self._sample(f["sample"], f"figures.{fid}", fid)
-            out["images"] = [{"label": f"{self.families[self.runs[ss.run].family]['label']}-{self.runs[ss.run].size}, "
-                                       f"{ss.guidance}", "file": f"ar/{ss.id}/grid.png", "run": f"ar/{ss.id}"}]
+            label = f"{self.families[self.runs[ss.run].family]['label']}-{self.runs[ss.run].size}, {ss.guidance}"
+            out["images"] = [{"label": label, "file": f"ar/{ss.id}/grid.png", "run": f"ar/{ss.id}"}]
+            if f.get("panels"):  # Figures 9-11: one panel per figure, rows of the sheet (iar2/grid_panels.py)
+                from iar2.grid_panels import grid_panels
+
+                grid = self.s["sampling"].get("grid") or {}
+                classes = grid.get("classes") or list(range(int(self.s["ar"]["base"]["model"]["num_classes"])))
+                out["images"] = grid_panels(f["panels"], [int(c) for c in classes], label, out["images"][0]["file"],
+                                            out["images"][0]["run"])
         else:
             raise ConfigError(f"figures.{fid}.kind: {kind!r}; allowed values: code_distance, codebook_sweep, "
                               "cfg_sweep, scaling, epochs, loss_curves, grid")

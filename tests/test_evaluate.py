@@ -70,6 +70,13 @@ def test_vq_eval_json_fields_and_values(tiny_data, assets, tmp_path):
     assert m["semantic_usage"] == pytest.approx(sem / 16) and m["semantic_codes_used"] == sem
     assert m["detail_codes_used"] == q.indices[:, 1].unique().numel()
     assert math.isfinite(m["rfid"]) and m["rfid"] > 0
+    # bootstrap replicates over the images (by default): replicate b is the mean over the resampled images
+    from iar2.bootstrap import resample_indices
+
+    boot = m["bootstrap"]
+    assert boot["replicates"] == 200 and len(boot["rfid"]) == len(boot["psnr"]) == len(boot["lpips"]) == 200
+    per_image = psnr(r8, o8).double()
+    assert boot["psnr"][7] == pytest.approx(per_image[resample_indices(0, 7, 12)].mean().item(), rel=1e-9)
 
 
 def test_vq_eval_single_codebook_without_perceptual(tiny_data, assets):

@@ -37,6 +37,13 @@ def test_real_images_score_better_than_noise(tiny_data, refnet, tmp_path):
     assert out["noisy"]["fid"] > out["real"]["fid"] + 1.0
     assert out["real"]["extractor"] == "domain" and out["real"]["num_generated"] == len(ref)
     assert "centre crop 32 px" in out["real"]["reference"]
+    # bootstrap replicates by default (iar2.bootstrap), on the same features as the point values; the paired
+    # difference noisy - real of every replicate is positive for FID
+    boot = {k: v["bootstrap"] for k, v in out.items()}
+    assert boot["real"]["replicates"] == 200 and len(boot["noisy"]["fid"]) == 200
+    assert boot["real"]["precision_point"] == out["real"]["precision"]
+    assert boot["real"]["recall_point"] == out["real"]["recall"]
+    assert min(np.subtract(boot["noisy"]["fid"], boot["real"]["fid"])) > 0
 
 
 def test_missing_inception_weights_name_the_file(tiny_data, tmp_path, monkeypatch):

@@ -91,6 +91,29 @@ def test_straight_through_gradient_is_identity():
     torch.testing.assert_close(h1.grad, h2.grad)
 
 
+@pytest.mark.parametrize("make,mode", [
+    (lambda: SingleQuantizer(64, 8, l2_norm=False), "full"),
+    (lambda: SemanticDetailQuantizer(16, 64, 8, l2_norm=False), "full"),
+    (lambda: SemanticDetailQuantizer(16, 64, 8, l2_norm=False), "semantic"),
+    (lambda: UnassociatedDualQuantizer((16, 64), 8, l2_norm=False), "full"),
+], ids=["single", "dual", "dual-semantic", "unassociated"])
+def test_straight_through_is_z_plus_sg_c_minus_z(make, mode):
+    # Eq. 7/9: z_q = z + sg(c - z). A loss on z_q (reconstruction, perceptual, GAN) moves the encoder output with
+    # the identity gradient and never the codebooks; they learn only through the codebook loss.
+    # (no l2 normalisation, so the encoder output is z itself)
+    q = make()
+    _randomise(q)
+    h = _latent().requires_grad_(True)
+    w = torch.randn(2, 8, 4, 5, generator=torch.Generator().manual_seed(7))
+    out = q(h, mode=mode)
+    (out.z_q * w).sum().backward()
+    torch.testing.assert_close(h.grad, w)
+    for p in q.parameters():
+        assert p.grad is None or torch.all(p.grad == 0)
+    # the forward value is the codes exactly: decoding a forward pass equals decoding its indices
+    assert torch.equal(out.z_q, q.lookup(out.indices, mode=mode))
+
+
 def test_loss_terms_reach_the_right_parameters():
     q = SingleQuantizer(64, 8)
     _randomise(q)

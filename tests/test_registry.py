@@ -193,3 +193,25 @@ def test_index_points_every_value_at_a_file(paper):
                 assert row["config"].startswith(("configs/sampling/", "ar/")) and row["run_config"].endswith("config.yaml")
     assert idx["protocol"]["samples_per_set"] == 50000 and idx["protocol"]["extractor"] == "inception"
     yaml.safe_dump(idx)  # plain data
+
+
+def test_figures_9_to_11_use_app_e_classes_figure_by_figure(paper):
+    # App. E: Fig. 9 balloon 417, house finch 12, triumphal arch 873, breakwater 460; Fig. 10 alp 970, Arctic fox
+    # 279, marmot 336, liner 628; Fig. 11 coyote 272, schooner 780, stupa 832, daisy 985
+    assert paper.s["sampling"]["grid"]["classes"] == [417, 12, 873, 460, 970, 279, 336, 628, 272, 780, 832, 985]
+    imgs = paper.figures["fig9"]["images"]
+    assert [im["rows"] for im in imgs] == [[0, 4], [4, 8], [8, 12]] and {im["of"] for im in imgs} == {12}
+    assert len({im["file"] for im in imgs}) == 1  # one sampling job, three figures
+    assert imgs[0]["label"].startswith("Figure 9: balloon (417), house finch (12), triumphal arch (873), "
+                                       "breakwater (460)")
+    assert "Figure 10: alp (970), Arctic fox (279), marmot (336), liner (628)" in imgs[1]["label"]
+    assert "Figure 11: coyote (272), schooner (780), stupa (832), daisy (985)" in imgs[2]["label"]
+    assert "stand in" not in " ".join(im["label"] for im in imgs)
+
+
+def test_smaller_scales_say_which_classes_stand_in():
+    d = load_plan(ROOT, scale("default"))  # 10 built-in classes, no class list: all of them, in order
+    imgs = d.figures["fig9"]["images"]
+    assert [im["rows"] for im in imgs] == [[0, 4], [4, 8], [8, 10]]
+    assert "App. E: balloon (417)" in imgs[0]["label"] and "classes 0, 1, 2, 3 of its dataset stand in" in imgs[0]["label"]
+    assert "classes 8, 9 of its dataset stand in" in imgs[2]["label"]

@@ -354,7 +354,7 @@ def test_settings_tables_from_resolved_configs(report):
 def test_claims_checklist(report):
     res = {r["id"]: r for r in report["summary"]["claims"]["results"]}
     expect = {"C1": "reproduced", "C2": "reproduced", "C3": "reproduced", "C3b": "reproduced", "C4": "missing",
-              "C6": "missing", "C7": "reproduced", "C8": "reproduced", "C9": "not reproduced", "C10": "reproduced",
+              "C6": "missing", "C7": "reproduced", "C8": "reproduced", "C9": "contradicted", "C10": "reproduced",
               "C11": "missing", "C13": "missing", "C13b": "reproduced", "C15": "missing", "C18": "reproduced",
               "C20": "reproduced", "C20b": "reproduced", "C22": "missing", "C23": "missing", "C24": "reproduced",
               "C25": "n/a", "C27": "missing"}
@@ -364,7 +364,8 @@ def test_claims_checklist(report):
     assert sum(tally.values()) == len(res) == len(load_claims(PAPER / "claims.yaml"))
     assert tally["reproduced"] == sum(r["status"] == "reproduced" for r in res.values())
     claims_md = (report["out"] / "claims.md").read_text()
-    assert f"**{tally['reproduced']} reproduced, {tally['not reproduced']} not reproduced, {tally['missing']} missing" in claims_md
+    assert (f"**{tally['reproduced']} reproduced, {tally['contradicted']} contradicted, {tally['inconclusive']} "
+            f"inconclusive, {tally['missing']} missing") in claims_md
     assert 'id="claim-C9"' in report["html"]
 
 
@@ -392,12 +393,12 @@ def test_rules_hold_on_the_papers_own_numbers():
     data = Dataset({k: [derive_columns(r) for r in t.rows] for k, t in tables.items()}, paper=True)
     outcomes = {c.id: evaluate(c.rule, data).status for c in load_claims(PAPER / "claims.yaml")}
     table_claims = ["C4", "C5", "C6", "C7", "C8", "C9", "C10", "C11", "C12", "C14", "C15", "C16", "C17", "C18",
-                    "C19", "C20", "C21", "C22", "C27"]
+                    "C19", "C20", "C21", "C22", "C27", "C30", "C32", "C33", "C34"]
     assert {c: outcomes[c] for c in table_claims} == {c: "reproduced" for c in table_claims}
     # and a rule that is false on them is reported as such (IS does not rise B -> L -> XL -> XXL everywhere)
     bad = {"ordered": {"from": "table3", "col": "is", "group_by": ["tokens", "epochs", "method"], "by": "size",
                        "order": ["B", "L", "XL", "XXL"], "direction": "increasing"}}
-    assert evaluate(bad, data).status == "not reproduced"
+    assert evaluate(bad, data).status == "contradicted"
 
 
 def test_no_registry_renders_everything_missing(tmp_path):
@@ -406,7 +407,7 @@ def test_no_registry_renders_everything_missing(tmp_path):
                      "--paper", str(PAPER)]) == 0
     s = json.loads((tmp_path / "out/summary.json").read_text())
     assert all(t["ours"] == 0 for t in s["tables"].values()) and len(s["tables"]) == 13
-    assert s["claims"]["tally"]["reproduced"] == 0 and s["claims"]["tally"]["not reproduced"] == 0
+    assert s["claims"]["tally"]["reproduced"] == 0 and s["claims"]["tally"]["contradicted"] == 0
     assert all(f["status"] == "missing" for f in s["figures"].values())
     assert (tmp_path / "out/figures/fig4.png").is_file()  # the paper's points still drawn
 
@@ -506,3 +507,35 @@ def test_snakemake_report_captions_render():
         assert "``ci``" in text
         body = publish_parts(text, writer="html", settings_overrides={"halt_level": 2, "report_level": 2})["body"]
         assert "system-message" not in body and "<code" in body.replace("<tt", "<code"), p.name
+
+
+def test_a_figure_panel_is_its_rows_of_the_sample_sheet(tmp_path):
+    # Figures 9-11 come from one sheet (one row per class): a panel is rows [first, stop) of it
+    import numpy as np
+    from PIL import Image
+
+    from iar2.report.figures import _copy_grid
+
+    sheet = np.zeros((3 * 10, 20, 3), np.uint8)
+    for r, colour in enumerate(((255, 0, 0), (0, 255, 0), (0, 0, 255))):
+        sheet[r * 10:(r + 1) * 10] = colour
+    Image.fromarray(sheet).save(tmp_path / "grid.png")
+    _copy_grid(tmp_path / "grid.png", tmp_path / "p.png", [1, 3], 3)
+    got = np.asarray(Image.open(tmp_path / "p.png"))
+    assert got.shape == (20, 20, 3) and (got[:10] == (0, 255, 0)).all() and (got[10:] == (0, 0, 255)).all()
+    _copy_grid(tmp_path / "grid.png", tmp_path / "all.png", None, None)
+    assert (tmp_path / "all.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
+
+
+def test_readings_table_in_readme_and_report(report):
+    from iar2.report.readings import COLUMNS, load_readings, markdown_table
+
+    rows = load_readings(PAPER)
+    topics = " ".join(r["topic"] for r in rows)
+    for must in ("Local-context source", "Rotary", "PAG-CFG progress", "alternating and grouped", "LlamaGen and IAR",
+                 "Figure 3", "Equal training time", "Table 1's (256, 4096)", "Table 13"):
+        assert must in topics
+    assert all(str(r[k]).strip() for r in rows for k, _ in COLUMNS)
+    assert markdown_table(rows) in (Path(__file__).resolve().parents[1] / "README.md").read_text()  # README's copy equals the source
+    assert 'id="readings"' in report["html"] and "context_source: token" in report["html"]
+    assert "## Readings and deviations" in report["md"]

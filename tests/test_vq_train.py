@@ -85,9 +85,21 @@ def test_reconstruction_error_falls(tiny_data, tmp_path):
     assert ck == ["step_0000100", "step_0000200"]  # keep_last 2
 
 
-def test_dual_codebook_beats_its_semantic_codebook(tiny_data, tmp_path):
-    """Stage 1 (Eq. 7: perceptual + commitment) then stage 2 (Eq. 9 with interleaved Eq. 7 steps):
-    semantic + detail codes reconstruct better than the semantic code alone."""
+@pytest.fixture
+def one_thread():
+    """This run's outcome depends on the last bits of float sums (measured: the decoded full/semantic MSE ratio was
+    0.89 with one intra-op thread and 0.99 with two, same seeds), so pin the thread count for the test instead of
+    trusting whatever the tests before it left behind; the global RNG does not matter (the trainer reseeds)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_dual_codebook_beats_its_semantic_codebook(tiny_data, tmp_path, one_thread):
+    """Stage 1 (Eq. 7: perceptual + commitment) then stage 2 (Eq. 9 with interleaved Eq. 7 steps): the detail code
+    quantises the residual the semantic code leaves (Eq. 6), so semantic + detail codes are much closer to the
+    latent than the semantic code alone, and the decoded images are no worse."""
     perc = random_refnet_perceptual()
     loss = {"perceptual": "domain", "domain_net": "unused: the module is passed in"}
     s1 = make_cfg(tiny_data, model={"quantizer": "semantic_detail"}, loss=loss,
@@ -101,8 +113,16 @@ def test_dual_codebook_beats_its_semantic_codebook(tiny_data, tmp_path):
     from iar2.tokenizer.vq_model import load_vq
 
     model, x = load_vq(out["weights"]), val_images(tiny_data)
+    with torch.no_grad():
+        # latent quantisation error, the quantity Eq. 6 lowers: far from the threshold (measured ratio 0.38)
+        h = model.quant_conv(model.encoder(x))
+        z = torch.nn.functional.normalize(h, dim=1)
+        err = {m: ((model.quantize(h, mode=m).z_q - z) ** 2).mean().item() for m in ("full", "semantic")}
+    assert err["full"] < 0.7 * err["semantic"], err
+    # decoded: not clearly worse (a broken full path, e.g. detail codes added twice, is); the measured ratios 0.89
+    # and 0.99 under different rounding make any margin below 1 a coin toss at this training length
     full, sem = val_mse(model, x, "full"), val_mse(model, x, "semantic")
-    assert full < 0.9 * sem, (full, sem)  # measured 0.118 vs 0.146
+    assert full < 1.1 * sem, (full, sem)
     rows = read_csv(tmp_path / "s2" / "metrics.csv")
     # joint and semantic-only steps are logged apart; both codebooks are in use
     assert {"total", "l2", "sem_total", "sem_perceptual", "usage_semantic", "usage_detail"} <= set(rows[-1])

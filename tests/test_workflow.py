@@ -68,8 +68,8 @@ def test_paper_scale_plans_every_table_and_figure_offline(tmp_path):
     plan = load_plan(ROOT, load_yaml(ROOT / "params" / "paper.yaml"))
     dual = [t for t in plan.trained_tokenizers() if plan.stages(t) == ["stage1", "stage2"]]
     assert counts["ar_train"] == len(plan.runs) == 46
-    assert counts["sample"] == len(plan.samples) == 106
-    assert counts["gen_metrics"] == 105  # every sample set but the Figures 9-11 grid
+    assert counts["sample"] == len(plan.samples) == 104
+    assert counts["gen_metrics"] == 103  # every sample set but the Figures 9-11 grid
     assert counts["vq_train"] == len(plan.trained_tokenizers()) == 13 and counts["vq_train_stage1"] == len(dual) == 5
     assert counts["tokenize"] == len(plan.token_sets()) == 17
     assert counts["time_match"] == 5  # Table 5's three paradigms + no-context, Table 6's concatenation

@@ -7,7 +7,7 @@ curves it points to, plus the paper's numbers in params/paper/. Writes, under --
 
     index.html      self-contained page (inline CSS); open it in a browser
     report.md       the same for a code host
-    claims.md       the claims checklist (reproduced / not reproduced / missing / n/a) with a tally
+    claims.md       the claims checklist (reproduced / contradicted / inconclusive / missing / n/a), tallied
     figures/        Figures 3, 4, 7a-c, 8 as PNG + SVG; Figures 9-11 sample grids (copied)
     provenance.json every number of ours with run id, file, config hash, MLflow run id, DVC hash, git commit
     summary.json    counts per table, figure status, claim outcomes
@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     s = render_report(args.results, args.out, paper_dir=args.paper, claims_file=args.claims, repo_root=args.repo_root)
     t = s["claims"]["tally"]
-    print(f"report: {Path(args.out) / 'index.html'} (claims: {t['reproduced']} reproduced, "
-          f"{t['not reproduced']} not reproduced, {t['missing']} missing, {t['n/a']} not checkable)")
+    from iar2.report.claims import tally_text
+
+    print(f"report: {Path(args.out) / 'index.html'} (claims: {tally_text(t)})")
     return 0
 
 
@@ -75,7 +76,8 @@ def render_report(results_dir: str | Path, out_dir: str | Path, paper_dir: str |
         ours_rows[tv.name] = [
             derive_columns({**{c: parse_cell(str(v)) for c, v in r.key.items()},
                             **{c: (cv.ours.value if cv.ours is not None and cv.ours.ok and is_number(cv.ours.value)
-                                   else None) for c, cv in r.cells.items()}})
+                                   else None) for c, cv in r.cells.items()},
+                            **_intervals(r)})
             for r in tv.rows if r.origin in (tb.PAPER_AND_OURS, tb.OURS_ONLY)]
     paper_rows = {n: [derive_columns(r) for r in t.rows] for n, t in paper_tables.items() if t is not None}
     for f in figures:
@@ -87,16 +89,26 @@ def render_report(results_dir: str | Path, out_dir: str | Path, paper_dir: str |
         log.warning("no claims file at %s: the checklist is empty", claims_path)
     checked = cl.check_claims(claim_list, cl.Dataset(ours_rows), cl.Dataset(paper_rows, paper=True))
 
+    from iar2.report.readings import load_readings
+
+    readings = load_readings(paper)
     generated = rd.now_utc()
     out = Path(out_dir)
     # Build the whole folder beside the target and rename it into place: readers never see half a report.
     with atomic_path(out, is_dir=True) as tmp:
         fg.render_figures(figures, results, tmp)
-        (tmp / "index.html").write_text(rd.render_html(results, prov, tables, figures, checked, generated))
-        (tmp / "report.md").write_text(rd.render_markdown(results, prov, tables, figures, checked, generated))
+        (tmp / "index.html").write_text(rd.render_html(results, prov, tables, figures, checked, generated, readings))
+        (tmp / "report.md").write_text(rd.render_markdown(results, prov, tables, figures, checked, generated,
+                                                          readings))
         (tmp / "claims.md").write_text(rd.md_claims(checked, results.scale))
         rd.write_json(tmp / "provenance.json", rd.provenance_records(tables, figures, prov))
         summary = rd.summary(results, prov, tables, figures, checked)
         rd.write_json(tmp / "summary.json", summary)
     log.info("wrote %s (index.html, report.md, claims.md, figures/)", out)
     return summary
+
+
+def _intervals(row) -> dict:
+    """A table row's bootstrap replicates per metric column (the claims' intervals); {} when none."""
+    boot = {c: cv.ours.replicates for c, cv in row.cells.items() if cv.ours is not None and cv.ours.replicates}
+    return {"_boot": boot, "_n": {c: row.cells[c].ours.samples for c in boot}} if boot else {}

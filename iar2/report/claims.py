@@ -19,8 +19,14 @@ that column is largest / smallest. Rule kinds:
     all:     [rule, ...]
     na:      "why this claim cannot be checked by a run of this pipeline"
 
-Outcome: reproduced, not reproduced, missing (not enough of our results yet) or n/a. Each rule is also run on the
-paper's own numbers, which checks the encoding (a rule the paper's data fails is visible in the report).
+Outcome: reproduced, contradicted, inconclusive, missing (not enough of our results yet) or n/a. Our rows carry
+the bootstrap replicates of their metrics (`_boot`: column -> replicates, `_n`: column -> sample count; written by
+the metrics jobs, iar2/bootstrap.py). A comparison a < b is decided by the 95 % percentile interval of the paired
+replicate differences a - b: below 0 reproduced, above 0 contradicted, containing 0 inconclusive. A shape (trend,
+argmin, order along a column) is decided by the fraction of replicates in which it holds (>= 97.5 % reproduced,
+<= 2.5 % contradicted, else inconclusive). Values without replicates (reconstruction metrics, the paper's own
+numbers) are compared as points and say so. Each rule is also run on the paper's own numbers, which checks the
+encoding (a rule the paper's data fails is visible in the report).
 """
 from __future__ import annotations
 
@@ -29,14 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from iar2.bootstrap import CONTRADICTED, INCONCLUSIVE, REPRODUCED, percentile_interval, support_verdict, verdict
 from iar2.report.sources import canon, is_number
 
 log = logging.getLogger(__name__)
 
-REPRODUCED, NOT_REPRODUCED, MISSING, NA = "reproduced", "not reproduced", "missing", "n/a"
-STATUSES = (REPRODUCED, NOT_REPRODUCED, MISSING, NA)
+MISSING, NA = "missing", "n/a"
+STATUSES = (REPRODUCED, CONTRADICTED, INCONCLUSIVE, MISSING, NA)
 SIZE_ORDER = {"B": 0, "L": 1, "XL": 2, "XXL": 3}
 RULE_KINDS = ("less", "order", "trend", "extreme", "ordered", "all", "na")
 
@@ -152,19 +160,51 @@ def ref_label(ref: dict) -> str:
     return f"{ref['from']}.{ref['col']}[{_where_text(ref.get('where'))}]" + (f".{ref['agg']}" if ref.get("agg") else "")
 
 
-def value_of(data: Dataset, ref: dict) -> float:
+@dataclass
+class Value:
+    """A selected value of ours or the paper's: the point value, and its bootstrap replicates when every selected
+    row has them (the per-replicate min / max / mean for an `agg`), with the smallest sample count behind them."""
+
+    point: float
+    reps: np.ndarray | None = None
+    n: int | None = None
+
+
+def row_reps(row: dict, col: str) -> np.ndarray | None:
+    r = (row.get("_boot") or {}).get(col)
+    return np.asarray(r, np.float64) if r is not None and len(r) >= 2 else None
+
+
+def _stack(rows: list[dict], col: str) -> np.ndarray | None:
+    """(rows, B) replicates of `col`, cut to the shortest; None unless every row has them."""
+    reps = [row_reps(r, col) for r in rows]
+    if not reps or any(x is None for x in reps):
+        return None
+    b = min(len(x) for x in reps)
+    return np.stack([x[:b] for x in reps])
+
+
+def _n_of(rows: list[dict], col: str) -> int | None:
+    ns = [(r.get("_n") or {}).get(col) for r in rows]
+    return min(ns) if ns and all(isinstance(n, int) for n in ns) else None
+
+
+def values_of(data: Dataset, ref: dict) -> Value:
     rows = select(data, ref["from"], ref.get("where"), ref["col"])
-    vals = [float(r[ref["col"]]) for r in rows]
+    col = ref["col"]
+    vals = [float(r[col]) for r in rows]
+    reps = _stack(rows, col)
     agg = ref.get("agg")
-    if agg == "min":
-        return min(vals)
-    if agg == "max":
-        return max(vals)
-    if agg == "mean":
-        return sum(vals) / len(vals)
+    if agg in ("min", "max", "mean"):
+        f = {"min": np.min, "max": np.max, "mean": np.mean}[agg]
+        return Value(float(f(vals)), None if reps is None else f(reps, axis=0), _n_of(rows, col))
     if len(set(vals)) > 1:  # duplicate rows of one key (Table 1 prints one row twice) must agree
         raise Missing(f"{ref_label(ref)} selects {len(vals)} different values; give an agg")
-    return vals[0]
+    return Value(vals[0], None if reps is None else reps[0], _n_of(rows, col))
+
+
+def value_of(data: Dataset, ref: dict) -> float:
+    return values_of(data, ref).point
 
 
 def _g(v: float) -> str:
@@ -186,10 +226,60 @@ def _less(arg: list, data: Dataset) -> Outcome:
 
 
 def _order(arg: list, data: Dataset) -> Outcome:
-    vals = [value_of(data, r) for r in arg]
-    ok = all(a < b for a, b in zip(vals, vals[1:]))
-    text = " < ".join(f"{_short(r)} {_g(v)}" for r, v in zip(arg, vals))
-    return Outcome(REPRODUCED if ok else NOT_REPRODUCED, text if ok else f"expected {text}")
+    vals = [values_of(data, r) for r in arg]
+    statuses, parts = [], []
+    for (ra, a), (rb, b) in zip(zip(arg, vals), zip(arg[1:], vals[1:])):
+        if a.reps is not None and b.reps is not None:
+            m = min(len(a.reps), len(b.reps))
+            lo, hi = percentile_interval(a.reps[:m] - b.reps[:m])
+            st = verdict((lo, hi), "negative")
+            parts.append(f"{_short(ra)} - {_short(rb)} = {_g(a.point)} - {_g(b.point)} = {_g(a.point - b.point)}, "
+                         f"95% CI [{_g(lo)}, {_g(hi)}] ({m} replicates, n = {_n_text(a.n)} / {_n_text(b.n)})")
+        else:
+            st = REPRODUCED if a.point < b.point else CONTRADICTED
+            parts.append(f"{_short(ra)} {_g(a.point)} {'<' if a.point < b.point else '>='} {_short(rb)} "
+                         f"{_g(b.point)}" + ("" if data.paper else " (points, no interval)"))
+        statuses.append(st)
+    status = combine(statuses)
+    return Outcome(status, ("claimed a < b; " if status != REPRODUCED else "") + "; ".join(parts))
+
+
+def _n_text(n: int | None) -> str:
+    return "?" if n is None else str(n)
+
+
+def combine(statuses: list[str]) -> str:
+    """A conjunction of parts: contradicted if any part is, else missing, else inconclusive, else reproduced."""
+    for s in (CONTRADICTED, MISSING, INCONCLUSIVE):
+        if s in statuses:
+            return s
+    return NA if statuses and set(statuses) == {NA} else REPRODUCED
+
+
+def _by_fraction(statuses: list[str], frac: float) -> str:
+    """Groups of a trend: reproduced when at least `frac` of them are, contradicted when that is out of reach
+    even if every inconclusive group were reproduced, else inconclusive."""
+    n = len(statuses)
+    if statuses.count(REPRODUCED) / n >= frac:
+        return REPRODUCED
+    if (n - statuses.count(CONTRADICTED)) / n < frac:
+        return CONTRADICTED
+    return INCONCLUSIVE
+
+
+def _decide_shape(ys: list[float], reps: np.ndarray | None, holds) -> tuple[str, str]:
+    """(status, note) of a shape predicate `holds(values)`: by the replicates when there are, else the points."""
+    if reps is None:
+        return (REPRODUCED if holds(ys) else CONTRADICTED), ""
+    h = [holds(list(reps[:, b])) for b in range(reps.shape[1])]
+    return support_verdict(h), f" (holds in {sum(h)}/{len(h)} replicates)"
+
+
+def _point_text(x, y: float, reps_row: np.ndarray | None) -> str:
+    if reps_row is None:
+        return f"{x}->{_g(y)}"
+    lo, hi = percentile_interval(reps_row)
+    return f"{x}->{_g(y)} [{_g(lo)}, {_g(hi)}]"
 
 
 def _short(ref: dict) -> str:
@@ -259,27 +349,27 @@ def _trend(arg: dict, data: Dataset) -> Outcome:
     rows = select(data, arg["from"], arg.get("where"), arg["col"])
     direction, strict = arg["direction"], arg.get("strict", True)
     need = 2 if direction in ("increasing", "decreasing") else 3
-    checked, held, fails = 0, 0, []
+    statuses, notes = [], []
     for key, grp in _groups(rows, arg.get("group_by")).items():
         grp = sorted(_dedupe(grp, [arg["x"]]), key=lambda r: _sort_key(r.get(arg["x"])))
         if len(grp) < need:
             continue
         ys = [float(r[arg["col"]]) for r in grp]
-        checked += 1
-        if _shape_holds(ys, direction, strict):
-            held += 1
-        else:
-            fails.append(f"{_group_text(arg.get('group_by'), key)}: "
-                         + ", ".join(f"{r[arg['x']]}->{_g(y)}" for r, y in zip(grp, ys)))
-    if checked == 0:
+        reps = _stack(grp, arg["col"])
+        st, note = _decide_shape(ys, reps, lambda v: _shape_holds(v, direction, strict))
+        statuses.append(st)
+        if st != REPRODUCED or reps is not None:
+            notes.append(f"{_group_text(arg.get('group_by'), key)}: [{st}]{note} " + ", ".join(
+                _point_text(r[arg["x"]], y, None if reps is None else reps[i]) for i, (r, y) in enumerate(zip(grp, ys))))
+    if not statuses:
         raise Missing(f"fewer than {need} points of {arg['from']}.{arg['col']} in any group")
     frac = arg.get("min_fraction", 1.0)
-    ok = held / checked >= frac
     what = f"{arg['col']} {direction} in {arg['x']}" + ("" if strict else " (rank correlation >= 0.8)")
-    detail = f"{what}: holds in {held}/{checked} group(s)" + (f" (need {frac:.0%})" if frac < 1 else "")
-    if fails:
-        detail += "; fails at " + "; ".join(fails[:3])
-    return Outcome(REPRODUCED if ok else NOT_REPRODUCED, detail)
+    detail = f"{what}: reproduced in {statuses.count(REPRODUCED)}/{len(statuses)} group(s)" + \
+        (f" (need {frac:.0%})" if frac < 1 else "")
+    if notes:
+        detail += "; " + "; ".join(notes[:4])
+    return Outcome(_by_fraction(statuses, frac), detail)
 
 
 def _extreme(arg: dict, data: Dataset) -> Outcome:
@@ -288,59 +378,52 @@ def _extreme(arg: dict, data: Dataset) -> Outcome:
     rows = _dedupe(rows, sorted({k for r in rows for k in r if not k.startswith("_")} - {arg["col"]}))
     if len(rows) < 2:
         raise Missing(f"{arg['from']}.{arg['col']}: fewer than two rows to compare")
-    best = (min if arg["find"] == "min" else max)(rows, key=lambda r: float(r[arg["col"]]))
-    ok = _matches(best, expect)
+    pick = min if arg["find"] == "min" else max
+    ys = [float(r[arg["col"]]) for r in rows]
+    st, note = _decide_shape(ys, _stack(rows, arg["col"]),
+                             lambda v: _matches(rows[v.index(pick(v))], expect))
+    best = rows[ys.index(pick(ys))]
     where = ", ".join(f"{k}={best.get(k)}" for k in expect)
     text = f"{arg['find']} {arg['col']} over {len(rows)} rows is {_g(float(best[arg['col']]))} at {where}"
-    return Outcome(REPRODUCED if ok else NOT_REPRODUCED, text + ("" if ok else f" (expected {_where_text(expect)})"))
+    return Outcome(st, text + note + ("" if st == REPRODUCED else f" (expected {_where_text(expect)})"))
 
 
 def _ordered(arg: dict, data: Dataset) -> Outcome:
     rows = select(data, arg["from"], arg.get("where"), arg["col"])
     order = [canon(o) for o in arg["order"]]
     direction = arg.get("direction", "increasing")
-    checked, held, fails, seen = 0, 0, [], {c: set() for c in arg.get("cover") or {}}
+    statuses, notes, seen = [], [], {c: set() for c in arg.get("cover") or {}}
     for key, grp in _groups(rows, arg.get("group_by")).items():
-        by = {canon(r.get(arg["by"])): float(r[arg["col"]]) for r in grp}
+        by = {canon(r.get(arg["by"])): r for r in grp}
         present = [o for o in order if o in by]
         if len(present) < 2:
             continue
-        ys = [by[o] for o in present]
-        checked += 1
+        ys = [float(by[o][arg["col"]]) for o in present]
+        reps = _stack([by[o] for o in present], arg["col"])
         for c in seen:
             seen[c].add(canon(grp[0].get(c)))
-        if _shape_holds(ys, direction, True):
-            held += 1
-        else:
-            fails.append(f"{_group_text(arg.get('group_by'), key)}: "
-                         + ", ".join(f"{o} {_g(y)}" for o, y in zip(present, ys)))
-    if checked == 0:
+        st, note = _decide_shape(ys, reps, lambda v: _shape_holds(v, direction, True))
+        statuses.append(st)
+        if st != REPRODUCED or reps is not None:
+            notes.append(f"{_group_text(arg.get('group_by'), key)}: [{st}]{note} " + ", ".join(
+                _point_text(o, y, None if reps is None else reps[i]) for i, (o, y) in enumerate(zip(present, ys))))
+    if not statuses:
         raise Missing(f"no group with two of {arg['order']} in {arg['from']}.{arg['col']}")
     for c, want in (arg.get("cover") or {}).items():
         lacking = {canon(w) for w in want} - seen[c]
         if lacking:
             raise Missing(f"no comparable group yet for {c} = {sorted(lacking)}")
     frac = arg.get("min_fraction", 1.0)
-    ok = held / checked >= frac
-    detail = (f"{arg['col']} {direction} along {arg['by']} {' -> '.join(map(str, arg['order']))}: holds in "
-              f"{held}/{checked} group(s)" + (f" (need {frac:.0%})" if frac < 1 else ""))
-    if fails:
-        detail += "; fails at " + "; ".join(fails[:3])
-    return Outcome(REPRODUCED if ok else NOT_REPRODUCED, detail)
+    detail = (f"{arg['col']} {direction} along {arg['by']} {' -> '.join(map(str, arg['order']))}: reproduced in "
+              f"{statuses.count(REPRODUCED)}/{len(statuses)} group(s)" + (f" (need {frac:.0%})" if frac < 1 else ""))
+    if notes:
+        detail += "; " + "; ".join(notes[:4])
+    return Outcome(_by_fraction(statuses, frac), detail)
 
 
 def _all(arg: list, data: Dataset) -> Outcome:
     outs = [evaluate(r, data) for r in arg]
-    statuses = {o.status for o in outs}
-    if NOT_REPRODUCED in statuses:
-        status = NOT_REPRODUCED
-    elif MISSING in statuses:
-        status = MISSING
-    elif statuses == {NA}:
-        status = NA
-    else:
-        status = REPRODUCED
-    return Outcome(status, " | ".join(f"[{o.status}] {o.detail}" for o in outs))
+    return Outcome(combine([o.status for o in outs]), " | ".join(f"[{o.status}] {o.detail}" for o in outs))
 
 
 def _na(arg: str, data: Dataset) -> Outcome:
@@ -372,3 +455,8 @@ def tally(results: list[ClaimResult]) -> dict[str, int]:
     for r in results:
         t[r.ours.status] += 1
     return t
+
+
+def tally_text(t: dict[str, int]) -> str:
+    return (f"{t[REPRODUCED]} reproduced, {t[CONTRADICTED]} contradicted, {t[INCONCLUSIVE]} inconclusive, "
+            f"{t[MISSING]} missing, {t[NA]} not checkable")

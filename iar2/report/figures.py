@@ -114,7 +114,8 @@ def _codebook_sweep(v: FigureView, reg: dict, results: Results) -> None:
     for p in reg.get("points") or []:
         row = {"x": p.get("x"), "label": p.get("label"), "actual_size": p.get("actual_size"),
                "rfid": _resolve(v, results, p.get("rfid")),
-               "gfid": _resolve(v, results, p.get("gfid"))}
+               "gfid": _resolve(v, results, p.get("gfid")),
+               **results.intervals_of({"rfid": p.get("rfid"), "gfid": p.get("gfid")})}
         row["_ok"] = row["rfid"] is not None or row["gfid"] is not None
         v.rows.append(row)
 
@@ -123,12 +124,14 @@ def _cfg_sweep(v: FigureView, reg: dict, results: Results) -> None:
     for s in reg.get("series") or []:
         for p in s.get("static") or []:
             row = {"series": s.get("label"), "model": s.get("label"), "mode": "static", "x": p.get("x"),
-                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is"))}
+                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is")),
+                   **results.intervals_of({"fid": p.get("fid"), "is": p.get("is")})}
             v.rows.append(derive_columns({**row, "_ok": row["fid"] is not None or row["is"] is not None}))
         if s.get("pag"):
             p = s["pag"]
             row = {"series": s.get("label"), "model": s.get("label"), "mode": "pag", "x": None,
-                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is"))}
+                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is")),
+                   **results.intervals_of({"fid": p.get("fid"), "is": p.get("is")})}
             v.rows.append(derive_columns({**row, "_ok": row["fid"] is not None or row["is"] is not None}))
 
 
@@ -140,7 +143,8 @@ def _points(v: FigureView, reg: dict, results: Results) -> None:
             if params is None and p.get("params_file"):  # our model's size, from the trained run's model.json
                 params = (results.read_json(p["params_file"]) or {}).get("params")
             row = {"series": s.get("label"), "x": p.get("x"), "params": params,
-                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is"))}
+                   "fid": _resolve(v, results, p.get("fid")), "is": _resolve(v, results, p.get("is")),
+                   **results.intervals_of({"fid": p.get("fid"), "is": p.get("is")})}
             if v.kind == "scaling":  # series = method, x = size
                 row = derive_columns({**row, "model": f"{s.get('label')}-{p.get('x')}"})
             else:  # series = a model ("IAR2-B") or a method
@@ -190,7 +194,8 @@ def _grid(v: FigureView, reg: dict, results: Results) -> None:
         p = results.path(im.get("file"))
         present = bool(p and p.is_file())
         v.images.append({"label": im.get("label") or im.get("file"), "file": im.get("file"), "run": im.get("run"),
-                         "present": present, "src": f"figures/{v.name}-{i}.png" if present else None})
+                         "present": present, "src": f"figures/{v.name}-{i}.png" if present else None,
+                         "rows": im.get("rows"), "of": im.get("of")})
         v.cells.append(Cell(status="ok" if present else "missing", file=im.get("file"), run=im.get("run")))
 
 
@@ -268,7 +273,7 @@ def render_figures(views: list[FigureView], results: Results, out_dir: Path) -> 
         if v.kind == "grid":
             for im in v.images:
                 if im["present"]:
-                    shutil.copyfile(results.path(im["file"]), out_dir / im["src"])
+                    _copy_grid(results.path(im["file"]), out_dir / im["src"], im.get("rows"), im.get("of"))
             continue
         fig = PLOTTERS[v.kind](v)
         fig.suptitle(v.title, fontsize=10)
@@ -282,6 +287,18 @@ def render_figures(views: list[FigureView], results: Results, out_dir: Path) -> 
             (fig_dir / f"{v.name}.{fmt_}").write_bytes(buf.getvalue())
             v.files[fmt_] = f"figures/{v.name}.{fmt_}"
         plt.close(fig)
+
+
+def _copy_grid(src: Path, dst: Path, rows: list | None, of: int | None) -> None:
+    """Copy a sample sheet, or only rows [first, stop) of its `of` equal class rows (one figure of App. E)."""
+    if not rows or not of:
+        shutil.copyfile(src, dst)
+        return
+    from PIL import Image
+
+    with Image.open(src) as im:
+        h = im.height / of
+        im.crop((0, round(rows[0] * h), im.width, round(rows[1] * h))).save(dst, format="PNG")
 
 
 def _legend(ax, **kw) -> None:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from iar2.report.claims import MISSING, NA, NOT_REPRODUCED, REPRODUCED, STATUSES, ClaimResult, tally
+from iar2.report.claims import STATUSES, ClaimResult, tally, tally_text
 from iar2.report.figures import FigureView, figure_label
 from iar2.report.sources import Provenance, Results
 from iar2.report.tables import NOT_IN_REGISTRY, OTHER_METHOD, OURS_ONLY, CellView, RowView, TableView
@@ -50,7 +50,8 @@ td.paper{background:#fbfbfb} td.ours{font-weight:600} td.d{color:#666}
 .missing{color:#8a8a8a;font-style:italic;font-weight:400} tr.other td{color:#777;background:#fafafa}
 tr.notreg td{color:#888} .same{color:#1e7d32} .differs{color:#b35900}
 .badge{display:inline-block;padding:.05em .5em;border-radius:.7em;font-size:.85em;font-weight:600;white-space:nowrap}
-.b-reproduced{background:#d8f0dc;color:#14532d}.b-not-reproduced{background:#fbdada;color:#7f1d1d}
+.b-reproduced{background:#d8f0dc;color:#14532d}.b-contradicted{background:#fbdada;color:#7f1d1d}
+.b-inconclusive{background:#fdf3d0;color:#713f12}.b-not-reproduced{background:#fbdada;color:#7f1d1d}
 .b-missing{background:#eee;color:#555}.b-n-a{background:#e8eefc;color:#1e3a8a}
 .protocol{background:#f6f8fa;border-left:3px solid #8aa;padding:.4em .7em;font-size:.85em;margin:.4em 0}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.85em;color:#444}
@@ -199,11 +200,14 @@ def html_claims(results: list[ClaimResult]) -> str:
 
 
 def render_html(results: Results, prov: Provenance, tables: list[TableView], figures: list[FigureView],
-                claims: list[ClaimResult], generated: str) -> str:
+                claims: list[ClaimResult], generated: str, readings: list[dict] | None = None) -> str:
+    from iar2.report.readings import html_table as readings_html
+
     scale = results.scale
     nav = " ".join(f'<a href="#{t.name}">T{t.number}</a>' for t in tables)
     nav += " " + " ".join(f'<a href="#{f.name}">{_e(figure_label(f.name))}</a>' for f in figures)
-    nav += ' <a href="#claims">Claims</a> <a href="#rerun">Rerun</a> <a href="#protocol">Protocol</a>'
+    nav += (' <a href="#claims">Claims</a> <a href="#rerun">Rerun</a> <a href="#protocol">Protocol</a>'
+            ' <a href="#readings">Readings</a>')
     t = tally(claims)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -214,12 +218,13 @@ def render_html(results: Results, prov: Provenance, tables: list[TableView], fig
         f'<p class="meta">Results <code>{_e(results.root)}</code> · registry git commit '
         f"<code>{_e(prov.git_commit)}</code> · rendered at commit <code>{_e(prov.rendered_at_commit or 'unknown')}"
         f"</code> · {_e(generated)}</p>",
-        f'<p class="meta">Claims: {t[REPRODUCED]} reproduced, {t[NOT_REPRODUCED]} not reproduced, '
-        f"{t[MISSING]} missing, {t[NA]} not checkable. Paper values are as transcribed in "
+        f'<p class="meta">Claims: {_e(tally_text(t))} (95 % bootstrap intervals; see the checklist). '
+        "Paper values are as transcribed in "
         "<code>params/paper/</code> (see its README); ours come from the results folder. Hover a number of ours for "
         "its run, file, config hash, MLflow run and DVC hash.</p>",
         f"<nav>{nav}</nav>",
         f'<h2 id="protocol">Protocol behind our numbers</h2>{html_protocol(_global_protocol(results))}',
+        '<h2 id="readings">Readings and deviations</h2>' + readings_html(readings or []),
         "<h2>Tables</h2>",
     ]
     for tv in tables:
@@ -295,8 +300,10 @@ def md_table(view: TableView) -> str:
 def md_claims(claims: list[ClaimResult], scale: str) -> str:
     t = tally(claims)
     lines = [f"# Claims checklist (scale {scale})", "",
-             f"**{t[REPRODUCED]} reproduced, {t[NOT_REPRODUCED]} not reproduced, {t[MISSING]} missing "
-             f"(not enough results), {t[NA]} not checkable.** Rules: `params/paper/claims.yaml`.", "",
+             f"**{tally_text(t)}.** Rules: `params/paper/claims.yaml`. A comparison is decided by the 95 % "
+             "bootstrap interval of the paired difference (reproduced: on the claimed side of 0; contradicted: on "
+             "the other; inconclusive: it contains 0); the detail gives the interval, the replicates and the "
+             "sample counts n.", "",
              "| id | claim | source | ours | detail | on the paper's numbers |", "|---|---|---|---|---|---|"]
     for r in claims:
         lines.append(f"| {_md(r.claim.id)} | {_md(r.claim.text)} | {_md(r.claim.source)} | **{r.ours.status}** | "
@@ -305,16 +312,18 @@ def md_claims(claims: list[ClaimResult], scale: str) -> str:
 
 
 def render_markdown(results: Results, prov: Provenance, tables: list[TableView], figures: list[FigureView],
-                    claims: list[ClaimResult], generated: str) -> str:
+                    claims: list[ClaimResult], generated: str, readings: list[dict] | None = None) -> str:
+    from iar2.report.readings import markdown_table
+
     scale = results.scale
     t = tally(claims)
     out = [f"# IAR2 reproduction report: scale `{scale}`", "",
            f"Results `{results.root}` · registry git commit `{prov.git_commit}` · rendered at commit "
            f"`{prov.rendered_at_commit or 'unknown'}` · {generated}", "",
-           f"Claims: {t[REPRODUCED]} reproduced, {t[NOT_REPRODUCED]} not reproduced, {t[MISSING]} missing, "
-           f"{t[NA]} not checkable (see [claims.md](claims.md)). Per-number provenance: `provenance.json`.", "",
+           f"Claims: {tally_text(t)} (see [claims.md](claims.md)). Per-number provenance: `provenance.json`.", "",
            "## Protocol behind our numbers", ""]
     out += [f"- **{k}**: {v}" for k, v in _global_protocol(results).items()]
+    out += ["", "## Readings and deviations", "", markdown_table(readings or [])]
     out += ["", "## Tables", ""]
     for tv in tables:
         c = tv.counts
@@ -344,8 +353,7 @@ def render_markdown(results: Results, prov: Provenance, tables: list[TableView],
         if f.paper_note:
             out += [f.paper_note, ""]
         out += [f"Rerun: `{rerun_cmd(f.name, scale)}`", ""]
-    out += ["## Claims", "", f"See [claims.md](claims.md): {t[REPRODUCED]} reproduced, {t[NOT_REPRODUCED]} not "
-            f"reproduced, {t[MISSING]} missing, {t[NA]} not checkable.", "",
+    out += ["## Claims", "", f"See [claims.md](claims.md): {tally_text(t)}.", "",
             "## How to rerun any one table or figure", "", "```sh", rerun_text(scale, results), "```", ""]
     return "\n".join(out)
 

@@ -169,6 +169,8 @@ class Cell:
     file: str | None = None  # relative to the results folder
     field: str | None = None
     run: str | None = None
+    replicates: list | None = None  # bootstrap replicates of the value (iar2.bootstrap), when its job wrote them
+    samples: int | None = None  # the sample count behind the value (generated images)
 
     @property
     def ok(self) -> bool:
@@ -250,7 +252,21 @@ class Results:
                 return c
             value = value[part]
         c.value, c.status = value, "ok"
+        boot = data.get("bootstrap") if isinstance(data, dict) else None
+        name = str(source.get("field") or "").rsplit(".", 1)[-1]
+        if isinstance(boot, dict) and isinstance(boot.get(name), list):
+            c.replicates, c.samples = boot[name], boot.get("num_generated")
         return c
+
+    def intervals_of(self, sources: dict) -> dict:
+        """Row entries carrying the bootstrap replicates of a row's metric columns (for the claims):
+        {"_boot": {col: replicates}, "_n": {col: samples}} over the columns whose job wrote replicates."""
+        boot, n = {}, {}
+        for col, src in sources.items():
+            c = self.cell(src) if src else None
+            if c is not None and c.replicates:
+                boot[col], n[col] = c.replicates, c.samples
+        return {"_boot": boot, "_n": n} if boot else {}
 
     def config_of(self, run_id: str | None, config_rel: str | None = None) -> tuple[str | None, dict | None]:
         """(config path relative to the results folder, parsed config) of a run; (path, None) when absent."""

@@ -51,8 +51,9 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
                             domain_net: str | Path | None = None, perceptual: str = "lpips_vgg",
                             weights_dir: str | Path | None = None, max_images: int | None = None,
                             batch_size: int = 32, device: str = "auto", report: str | Path | None = None,
-                            num_workers: int = 0) -> dict:
-    """Reconstruct `data_root/split` with the VQ and return the metrics dict (module doc)."""
+                            num_workers: int = 0, bootstrap: int = 0) -> dict:
+    """Reconstruct `data_root/split` with the VQ and return the metrics dict (module doc); bootstrap > 0 adds that
+    many replicates of rFID / PSNR / SSIM / LPIPS over the images (iar2.bootstrap.recon_replicates)."""
     from iar2.data.imagefolder import ImageFolderDataset
     from iar2.data.transforms import eval_transform
     from iar2.perceptual import build_perceptual
@@ -105,6 +106,12 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
 
     n = len(idx)
     metrics = {"rfid": collector.fid("reconstructed", "original")}
+    boot = {}
+    if bootstrap:  # replicates for the claims' intervals (iar2.bootstrap), resampling images
+        from iar2.bootstrap import recon_replicates
+
+        boot = {"bootstrap": recon_replicates(collector.features("original"), collector.features("reconstructed"),
+                                              {k: torch.cat(v) for k, v in per_image.items() if v}, bootstrap)}
     for k, v in per_image.items():
         if v:
             metrics[k] = float(torch.cat(v).double().mean())
@@ -126,7 +133,7 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
         "quantizer": model.cfg.quantizer, "vocab_sizes": vocabs,
         "ssim_protocols": {"ssim": "gaussian 11x11 sigma 1.5, data_range 255 (Wang et al.)",
                            "ssim_llamagen": "uniform 7x7, sample covariance, data_range 2 on [0,1] (LlamaGen script)"},
-        "seconds": seconds, "images_per_s": n / seconds,
+        "seconds": seconds, "images_per_s": n / seconds, **boot,
     }
 
 
@@ -149,6 +156,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, help="`iar2 data check` report (bad images excluded without decoding)")
     p.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader workers decoding images")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--bootstrap", type=nonneg_int, default=200,
+                   help="bootstrap replicates of every metric over the images, for the claims' intervals (0: none)")
     p.add_argument("--out", required=True, help="metrics JSON to write")
 
 
@@ -157,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
                                      extractor=args.extractor, domain_net=args.domain_net,
                                      perceptual=args.perceptual, weights_dir=args.weights_dir,
                                      max_images=args.max_images, batch_size=args.batch_size, device=args.device,
-                                     report=args.report, num_workers=args.num_workers)
+                                     report=args.report, num_workers=args.num_workers,
+                                     bootstrap=getattr(args, "bootstrap", 0))
     atomic_write_json(args.out, result)
     log.info("metrics written to %s", args.out)
     return 0

@@ -4,7 +4,7 @@ unassociated dual-codebook baseline.
 All three take the encoder latent h (B, C, H, W) after quant_conv and return a `QuantOutput`.
 
 Single codebook (LlamaGen VQ-16). z = l2-normalise(h) along channels, codes ê = l2-normalise(E) (rows stored raw),
-k = argmin ||z - ê||, z_q = ê[k] through the straight-through estimator, and
+k = argmin ||z - ê||, z_q = z + sg(ê[k] - z) (the straight-through estimator: codes forward, gradient to z only), and
     loss = mean((ê[k] - sg z)^2) + beta * mean((sg ê[k] - z)^2).
 
 Semantic-detail associated dual codebook (paper Sec. 4.2, Eq. 5-6, 8, 10).
@@ -53,7 +53,7 @@ MAX_DISTANCE_ELEMENTS = 1 << 24
 
 @dataclass
 class QuantOutput:
-    z_q: Tensor  # (B, embed_dim, H, W), straight-through: forward = codes, gradient = identity w.r.t. z
+    z_q: Tensor  # (B, embed_dim, H, W), straight-through: forward = codes, gradient = identity to z, none to codes
     indices: Tensor  # (B, H, W) single; (B, 2, H, W) [semantic, detail] dual
     loss: Tensor  # codebook + commitment, scalar
     usage: dict[str, Tensor] = field(default_factory=dict)
@@ -105,12 +105,25 @@ def _to_tokens(h: Tensor, l2_norm: bool) -> Tensor:
     return F.normalize(z, p=2, dim=-1) if l2_norm else z
 
 
-def _straight_through(z: Tensor, c: Tensor) -> Tensor:
-    """Forward value c, gradient identity w.r.t. z; back to (B, C, H, W).
+class _StraightThrough(torch.autograd.Function):
+    """z + sg(c - z) of Eq. 7/9 (and VQ-VAE, and the released code), computed exactly.
 
-    Written c + (z - sg z) rather than z + sg(c - z): z - sg z is exactly 0, so the forward value is bit-identical
-    to the codes and a forward pass decodes exactly like `lookup` of its indices."""
-    return (c + (z - z.detach())).permute(0, 3, 1, 2).contiguous()
+    Forward returns the codes c bit for bit (z + (c - z) would round), so a forward pass decodes exactly like
+    `lookup` of its indices; backward hands the gradient to z unchanged and none to c: the codebooks learn only
+    through the codebook loss, never through the reconstruction, perceptual or GAN terms."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, c: Tensor) -> Tensor:
+        return c.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def _straight_through(z: Tensor, c: Tensor) -> Tensor:
+    """Forward value c, gradient identity w.r.t. z and zero w.r.t. the codebooks; back to (B, C, H, W)."""
+    return _StraightThrough.apply(z, c).permute(0, 3, 1, 2).contiguous()
 
 
 class SingleQuantizer(nn.Module):

@@ -102,6 +102,7 @@ rule gen_metrics:
     params:
         m=config["gen_metrics"],
         ref=opt("--ref-npz", config["gen_metrics"].get("ref_npz")),
+        boot=lambda w: config["gen_metrics"].get("bootstrap", 200),  # replicates for the claims' intervals
         cache=f"{R}/cache/reference",
         env=lambda w: tag("gen_metrics", f"ar/{w.run}/e{w.epoch}/{w.guidance}",
                           ",".join(sorted(PLAN.samples[f"{w.run}/e{w.epoch}/{w.guidance}"].tables))),
@@ -114,5 +115,5 @@ rule gen_metrics:
     shell:
         "{params.env} iar2 metrics --samples {input.samples:q} --data {input.data:q} --split train "
         "--report {input.report:q} --extractor {params.m[extractor]:q} --domain-net {input.refnet:q} "
-        "--max-reference {params.m[max_reference]:q} {params.ref} --cache-dir {params.cache:q} --out {output:q} "
-        "> {log:q} 2>&1"
+        "--max-reference {params.m[max_reference]:q} {params.ref} --bootstrap {params.boot:q} "
+        "--cache-dir {params.cache:q} --out {output:q} > {log:q} 2>&1"
