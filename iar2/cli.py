@@ -31,6 +31,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("diagnose", "tokenizer"), "iar2.diagnose", "codebook usage/perplexity, full vs semantic-only rFID, flat decodes"),
     (("diagnose", "ar"), "iar2.diagnose", "per-level CE/accuracy vs entropy, cond/uncond KL, T=1 vs guided samples"),
     (("diagnose", "budget"), "iar2.diagnose", "optimiser steps, wall time and loss trends of AR runs and tokenizers"),
+    (("diagnose", "joint-tokens"), "iar2.diagnose", "dual tokens as one joint vocabulary (LlamaGen on IAR2's tokens)"),
     (("report",), "iar2.report", "report: every paper table/figure beside ours, claims checklist, provenance (HTML+MD)"),
     (("track", "sync"), "iar2.tracking", "log the runs the jobs spooled (tracking.mode: spool) to the MLflow store"),
     (("bench", "tokenizer"), "iar2.bench", "benchmark tokenizer training steps/s"),

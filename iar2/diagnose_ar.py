@@ -131,6 +131,31 @@ def sample_config(mode: str, scale: float, temperature: float, seed: int):
                           guidance=GuidanceConfig(mode=mode, scale=scale))
 
 
+def write_joint_tokens(src, dst) -> dict:
+    """Rewrite a dual token folder with one joint vocabulary t = k * V_d + j, so a single-codebook AR (LlamaGen) can
+    train on the dual tokenizer's tokens: the side-by-side that splits the tokenizer's share of a gap from the AR's."""
+    from iar2.io import atomic_save_npy, atomic_write_json, read_json
+
+    src, dst = Path(src), Path(dst)
+    meta = read_json(src / "meta.json")
+    vs, vd = meta["vocab_sizes"]
+    codes = np.load(src / meta["codes_file"], mmap_mode="r")
+    joint = codes[:, :, 0].astype(np.int64) * vd + codes[:, :, 1]
+    joint = joint[:, :, None].astype(np.uint16 if vs * vd <= 65536 else np.int32)
+    dst.mkdir(parents=True, exist_ok=True)
+    atomic_save_npy(dst / meta["codes_file"], joint)
+    atomic_save_npy(dst / meta["labels_file"], np.load(src / meta["labels_file"]))
+    meta = {**meta, "levels": ["single"], "vocab_sizes": [vs * vd], "shape": list(joint.shape),
+            "dtype": joint.dtype.name, "joint_of": str(src), "joint_detail_size": vd}
+    atomic_write_json(dst / "meta.json", meta)  # last: marks the folder complete
+    return meta
+
+
+def split_joint(tokens: torch.Tensor, detail_size: int) -> torch.Tensor:
+    """Joint tokens (B, m) -> dual (B, 2, m) [k, j] (inverse of write_joint_tokens)."""
+    return torch.stack([tokens // detail_size, tokens % detail_size], dim=1)
+
+
 @torch.no_grad()
 def sample_set(model, vq, labels: np.ndarray, sc, batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """(tokens (N, levels, m), uint8 images (N, H, W, 3)) for `labels`; sample i uses stream i."""
@@ -142,7 +167,10 @@ def sample_set(model, vq, labels: np.ndarray, sc, batch_size: int = 100) -> tupl
     for b in range(0, len(labels), batch_size):
         lab = torch.as_tensor(labels[b:b + batch_size], device=dev)
         t = generate(model, lab, torch.arange(b, b + len(lab)), sc)
-        ims.append(decode_to_uint8(vq, t, model.cfg.grid, None).numpy())
+        # a single-codebook model on a dual tokenizer's joint tokens (write_joint_tokens): split before decoding
+        joint = t.dim() == 2 and getattr(vq, "is_dual", False)
+        dec = split_joint(t, vq.cfg.detail_size) if joint else t
+        ims.append(decode_to_uint8(vq, dec, model.cfg.grid, None).numpy())
         toks.append((t[:, None] if t.dim() == 2 else t).cpu().numpy())
     return np.concatenate(toks), np.concatenate(ims)
 
@@ -164,9 +192,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", default=None, help="PNG: per configuration, rows of classes (first 5), 8 samples each")
 
 
+def flat_by_class(std: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float]:
+    return [float((std[labels == k] < FLAT_STD).mean()) if (labels == k).any() else None for k in range(num_classes)]
+
+
 def _sample_metrics(images, labels, tokens, train_codes, vocabs, names, grid, args, scorer) -> dict:
     frac, std = flat_fraction(images)
     res = {"flat_fraction": frac, "pixel_std_median": float(np.median(std)),
+           "flat_fraction_by_class": flat_by_class(std, labels, int(labels.max()) + 1),
            "repetition": {n: repetition_stats(tokens[:, lvl], grid) for lvl, n in enumerate(names)},
            "unseen": unseen_rates(tokens, train_codes, vocabs),
            "flattest": flat_sample_tokens(tokens, std, names)}
@@ -205,6 +238,16 @@ def run(args: argparse.Namespace) -> dict:
                  "data_entropy": data_entropies(train_codes, train_labels, vocabs, c.num_classes),
                  "data_repetition": {n: repetition_stats(train_codes[:, lvl], c.grid) for lvl, n in enumerate(names)}}
     sub_c, sub_l = load_codes(args.tokens, args.max_eval)
+    # the reference for flatness: the training images' own tokens decoded by the same tokenizer
+    from iar2.sample import decode_to_uint8
+
+    with torch.no_grad():
+        t = torch.as_tensor(sub_c[:, 0] if c.paradigm == "single" else sub_c, device=dev)
+        t = split_joint(t, vq.cfg.detail_size) if t.dim() == 2 and vq.is_dual else t
+        dec = decode_to_uint8(vq, t, c.grid, None).numpy()
+    frac, std = flat_fraction(dec)
+    out["data_decoded"] = {"flat_fraction": frac, "pixel_std_median": float(np.median(std)),
+                           "flat_fraction_by_class": flat_by_class(std, sub_l, c.num_classes)}
     out["teacher_forced"] = {"train": teacher_forced(model, sub_c, sub_l)}
     if args.heldout:
         out["teacher_forced"]["heldout"] = teacher_forced(model, *load_codes(args.heldout, args.max_eval))

@@ -137,11 +137,14 @@ def _has(model, name):
 
 
 @pytest.fixture(scope="module")
-def refnet(tiny_data, tmp_path_factory):
-    from iar2.refnet import train_refnet
+def refnet(tmp_path_factory):
+    """An untrained reference network: the report needs its features, not good ones."""
+    from iar2.refnet import RefNet, RefNetConfig
 
     out = tmp_path_factory.mktemp("diag_refnet") / "refnet.safetensors"
-    train_refnet(tiny_data, out, steps=2, seed=0, input_size=32, widths=(8, 16, 32), norm_groups=4, batch_size=20)
+    cfg = RefNetConfig(num_classes=10, input_size=32, widths=(8, 16, 32), norm_groups=4)
+    torch.manual_seed(0)
+    save_weights(out, RefNet(cfg).state_dict(), {"model_config": to_dict(cfg)})
     return out
 
 
@@ -162,8 +165,8 @@ def test_tokenizer_report_on_a_dual_tokenizer(tiny_data, refnet, tmp_path):
     vq = tiny_vq("semantic_detail")
     path = tmp_path / "vq.safetensors"
     save_weights(path, vq.state_dict(), {"model_config": to_dict(vq.cfg), "image_size": 16})
-    res, images = tokenizer_report(path, tiny_data, "val", refnet, max_images=20, device="cpu")
-    assert set(res["levels"]) == {"semantic", "detail"} and res["num_images"] == 20
+    res, images = tokenizer_report(path, tiny_data, "val", refnet, max_images=10, device="cpu")
+    assert set(res["levels"]) == {"semantic", "detail"} and res["num_images"] == 10
     for lvl in res["levels"].values():
         assert 1.0 <= lvl["perplexity"] <= lvl["codes_used"] <= lvl["size"]
     assert res["full_decode"]["rfid"] >= 0 and "semantic_decode" in res
@@ -200,3 +203,46 @@ def test_cli_help_and_budget_command(tmp_path, capsys):
     (tmp_path / "results").mkdir()
     assert main(["diagnose", "budget", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text()) == {"ar": {}, "tokenizers": {}}
+
+
+# ----------------------------------------------------------------------------- joint tokens (side-by-side)
+
+
+def test_joint_tokens_round_trip_through_token_dataset(tmp_path):
+    from iar2.diagnose_ar import split_joint, write_joint_tokens
+    from iar2.io import atomic_save_npy, atomic_write_json
+    from iar2.tokenize import TokenDataset
+
+    src = tmp_path / "dual"
+    src.mkdir()
+    g = np.random.default_rng(0)
+    codes = np.stack([g.integers(0, 16, (5, 2, 16)), g.integers(0, 64, (5, 2, 16))], axis=2).astype(np.uint16)
+    atomic_save_npy(src / "codes.npy", codes)
+    atomic_save_npy(src / "labels.npy", np.arange(5, dtype=np.int32))
+    atomic_write_json(src / "meta.json", {"codes_file": "codes.npy", "labels_file": "labels.npy", "grid": [4, 4],
+                                          "vocab_sizes": [16, 64], "levels": ["semantic", "detail"],
+                                          "shape": list(codes.shape), "num_classes": 5})
+    meta = write_joint_tokens(src, tmp_path / "joint")
+    assert meta["vocab_sizes"] == [1024] and meta["levels"] == ["single"]
+    ds = TokenDataset(tmp_path / "joint", aug=1)
+    t, y = ds[3]
+    assert t.shape == (1, 16) and y == 3
+    assert torch.equal(split_joint(t, 64)[0], torch.as_tensor(codes[3, 1].astype(np.int64)))
+
+
+def test_a_single_codebook_model_on_joint_tokens_samples_decodable_pairs():
+    from iar2.ar.model import ARModel, ARModelConfig
+    from iar2.config import from_dict
+
+    vq = tiny_vq("semantic_detail")  # 16 x 64 codes: joint vocabulary 1024
+    torch.manual_seed(0)
+    model = ARModel(from_dict(ARModelConfig, dict(dim=16, n_layer=1, n_head=2, paradigm="single", vocab_size=1024,
+                                                  grid=4, num_classes=3))).eval()
+    tokens, images = sample_set(model, vq, np.arange(3), sample_config("none", 1.0, 1.0, 0))
+    assert tokens.shape == (3, 1, 16) and tokens.max() < 1024 and images.shape == (3, 16, 16, 3)
+
+
+def test_flat_fraction_by_class():
+    from iar2.diagnose_ar import flat_by_class
+
+    assert flat_by_class(np.array([1.0, 50.0, 2.0, 3.0]), np.array([0, 0, 1, 1]), 3) == [0.5, 1.0, None]
