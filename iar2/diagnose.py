@@ -204,8 +204,7 @@ def budget_report(results, runs: list[str], tokenizers: list[str]) -> dict:
             rows = _csv_rows(stage_dir / "metrics.csv")
             if not rows:
                 continue
-            keys = [k for k in ("l2", "perceptual", "codebook", "total", "semantic_perplexity", "detail_perplexity",
-                                "single_perplexity", "sem_perceptual") if k in rows[0]]
+            keys = [k for k in rows[0] if k not in ("step", "lr", "steps_per_s", "epoch")]
             entry[stage_dir.name] = {"steps": int(float(rows[-1]["step"])), **{k: loss_trend(rows, k) for k in keys}}
         out["tokenizers"][tok] = entry
     return out

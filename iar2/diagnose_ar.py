@@ -52,6 +52,8 @@ def teacher_forced(model, codes: np.ndarray, labels: np.ndarray, batch_size: int
     dev = next(model.parameters()).device
     names = level_names(model)
     sums = {n: dict.fromkeys(("ce", "acc", "ce_uncond", "kl_cond_uncond", "top1_agree"), 0.0) for n in names}
+    # KL per position: the first tokens see nothing but the class, so they show how much of it the model uses
+    kl_pos = {n: 0.0 for n in names}
     total = 0
     for b in range(0, len(codes), batch_size):
         tok = torch.as_tensor(codes[b:b + batch_size], device=dev)
@@ -66,10 +68,18 @@ def teacher_forced(model, codes: np.ndarray, labels: np.ndarray, batch_size: int
             s["ce"] += float(F.nll_loss(lpc.flatten(0, 1), t.flatten(), reduction="sum"))
             s["ce_uncond"] += float(F.nll_loss(lpu.flatten(0, 1), t.flatten(), reduction="sum"))
             s["acc"] += float((lpc.argmax(-1) == t).sum())
-            s["kl_cond_uncond"] += float((lpc.exp() * (lpc - lpu)).sum())
+            kl = (lpc.exp() * (lpc - lpu)).sum(-1)  # (B, m)
+            s["kl_cond_uncond"] += float(kl.sum())
+            kl_pos[n] = kl_pos[n] + kl.sum(0)
             s["top1_agree"] += float((lpc.argmax(-1) == lpu.argmax(-1)).sum())
         total += t.numel()
-    return {n: {k: v / total for k, v in s.items()} for n, s in sums.items()}
+    res = {n: {k: v / total for k, v in s.items()} for n, s in sums.items()}
+    rows = kl_pos[names[0]].numel() // model.cfg.grid
+    for n in names:  # mean KL at the first position and per grid row
+        per = (kl_pos[n] * len(kl_pos[n]) / total).view(-1, rows)
+        res[n]["kl_first_token"] = float(per.flatten()[0])
+        res[n]["kl_by_row"] = [round(float(v), 5) for v in per.mean(1)]
+    return res
 
 
 def data_entropies(codes: np.ndarray, labels: np.ndarray, vocabs: list[int], num_classes: int) -> dict[str, dict]:
@@ -78,8 +88,9 @@ def data_entropies(codes: np.ndarray, labels: np.ndarray, vocabs: list[int], num
     names = ["single"] if len(vocabs) == 1 else ["semantic", "detail"]
     cls = np.broadcast_to(labels[:, None], codes[:, 0].shape)
     for lvl, (n, v) in enumerate(zip(names, vocabs)):
-        out[n] = {"entropy": entropy_of(codes[:, lvl], v),
-                  "entropy_given_class": conditional_entropy(codes[:, lvl], cls, v, num_classes)}
+        h, hc = entropy_of(codes[:, lvl], v), conditional_entropy(codes[:, lvl], cls, v, num_classes)
+        # I(token; class): how much the class says about a token, to compare with the samples' own
+        out[n] = {"entropy": h, "entropy_given_class": hc, "class_information": h - hc}
     if len(vocabs) == 2:
         out["detail"]["entropy_given_semantic"] = conditional_entropy(codes[:, 1], codes[:, 0], vocabs[1], vocabs[0])
     return out
@@ -202,6 +213,7 @@ def _sample_metrics(images, labels, tokens, train_codes, vocabs, names, grid, ar
            "flat_fraction_by_class": flat_by_class(std, labels, int(labels.max()) + 1),
            "repetition": {n: repetition_stats(tokens[:, lvl], grid) for lvl, n in enumerate(names)},
            "unseen": unseen_rates(tokens, train_codes, vocabs),
+           "token_entropy": data_entropies(tokens, labels, vocabs, int(labels.max()) + 1),
            "flattest": flat_sample_tokens(tokens, std, names)}
     if scorer is not None:  # the reference network as a classifier: does the sample show its class?
         logits = torch.cat([scorer.net(torch.from_numpy(images[b:b + 200]).permute(0, 3, 1, 2).float()

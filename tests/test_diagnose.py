@@ -41,6 +41,9 @@ def test_data_entropies_see_a_detail_code_determined_by_the_semantic_code():
     codes = np.stack([k, (k * 3) % 10], axis=1)  # detail = f(semantic)
     e = data_entropies(codes, np.arange(6) % 2, [4, 10], 2)
     assert e["detail"]["entropy_given_semantic"] == pytest.approx(0.0)
+    assert e["semantic"]["class_information"] == pytest.approx(0.0)  # every class has the same tokens
+    own = data_entropies(np.repeat(np.arange(4), 16).reshape(4, 1, 16), np.arange(4), [4], 4)
+    assert own["single"]["class_information"] == pytest.approx(math.log(4))  # the class fixes the token
     assert e["semantic"]["entropy"] == pytest.approx(math.log(4))
 
 
@@ -90,7 +93,7 @@ def test_a_model_without_class_information_has_no_cond_uncond_gap(paradigm):
         model.backbone.cls_embedding.embedding_table.weight.zero_()  # every class = the null class
     blind = teacher_forced(model, codes, labels)
     for v in blind.values():
-        assert v["kl_cond_uncond"] == pytest.approx(0.0, abs=1e-6)
+        assert v["kl_cond_uncond"] == pytest.approx(0.0, abs=1e-6) and max(v["kl_by_row"]) == pytest.approx(0, abs=1e-5)
         assert v["ce"] == pytest.approx(v["ce_uncond"]) and v["top1_agree"] == 1.0
     # ... and then guidance cannot change a single sample
     lab = np.arange(5)
