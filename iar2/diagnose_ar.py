@@ -115,7 +115,8 @@ def unseen_rates(tokens: np.ndarray, train_codes: np.ndarray, vocabs: list[int])
         seen = np.bincount(train_codes[:, lvl].ravel(), minlength=v) > 0
         out[n] = float((~seen[tokens[:, lvl]]).mean())
     if len(vocabs) == 2:
-        seen = np.bincount((train_codes[:, 0] * vocabs[1] + train_codes[:, 1]).ravel(), minlength=vocabs[0] * vocabs[1]) > 0
+        pairs = (train_codes[:, 0] * vocabs[1] + train_codes[:, 1]).ravel()
+        seen = np.bincount(pairs, minlength=vocabs[0] * vocabs[1]) > 0
         out["pair"] = float((~seen[tokens[:, 0] * vocabs[1] + tokens[:, 1]]).mean())
     return out
 
