@@ -1,14 +1,16 @@
 """`iar2 diagnose ar`: the AR half of the issue-16 diagnosis (see iar2/diagnose.py).
 
 Teacher-forced (eval mode, centre-crop tokens): per level, the cross-entropy and top-1 accuracy with the true class
-and with the null class, and KL(p_cond || p_uncond). A class-conditional model whose KL is ~0 at a level ignores
-the class there, so guidance cannot move that level. The data's entropies put the CEs in scale: the unigram entropy
+and with the null class, and KL(p_cond || p_uncond), overall, at the first token and per grid row. A class-conditional
+model whose KL is ~0 at a level (or past the first rows) ignores the class there, so guidance cannot move it. The data's entropies put the CEs in scale: the unigram entropy
 H(level) (a model that learned only the marginal reaches it), H(level | class), and for pairs H(detail | semantic).
 
 Sampled (iar2.ar.generate, decoded by iar2.sample.decode_to_uint8): for each configuration (T = 1 without guidance,
 static CFG at the given scales) the reference network's class accuracy and mean p(label | image), the fraction of
 flat images, token repetition (equal raster neighbours, distinct tokens per image, the most frequent token's share),
-the fraction of tokens / pairs never seen in training, and FID / precision / recall (iar2.generation_metrics).
+the fraction of tokens / pairs never seen in training, I(token; class) against the data's, and FID / precision /
+recall (iar2.generation_metrics). A single-codebook model on a dual tokenizer's joint tokens (write_joint_tokens)
+is decoded by splitting each token back into its pair.
 """
 from __future__ import annotations
 
