@@ -30,6 +30,10 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("sample",), "iar2.sample", "class-conditional samples (sharded, resumable) as ADM .npz (+ PNGs)"),
     (("metrics",), "iar2.generation_metrics", "FID / IS / precision / recall of a sample set vs a reference set"),
     (("code-distance",), "iar2.code_distance", "Figure 3: decode codes replaced at growing code distance"),
+    (("diagnose", "tokenizer"), "iar2.diagnose", "codebook usage/perplexity, full vs semantic-only rFID, flat decodes"),
+    (("diagnose", "ar"), "iar2.diagnose", "per-level CE/accuracy vs entropy, cond/uncond KL, T=1 vs guided samples"),
+    (("diagnose", "budget"), "iar2.diagnose", "optimiser steps, wall time and loss trends of AR runs and tokenizers"),
+    (("diagnose", "joint-tokens"), "iar2.diagnose", "dual tokens as one joint vocabulary (LlamaGen on IAR2's tokens)"),
     (("report",), "iar2.report", "report: every paper table/figure beside ours, claims checklist, provenance (HTML+MD)"),
     (("track", "sync"), "iar2.tracking", "log the runs the jobs spooled (tracking.mode: spool) to the MLflow store"),
     (("bench", "tokenizer"), "iar2.bench", "benchmark tokenizer training steps/s"),
@@ -78,7 +82,9 @@ def float_min(lo: float):
 
 def _group_help(words: tuple[str, ...]) -> str:
     return {"data": "dataset preparation and checks", "refnet": "the domain reference network",
-            "vq": "VQ tokenizers", "track": "MLflow run tracking", "ar": "autoregressive models", "bench": "benchmarks to run on your own hardware"}.get(words[0], "")
+            "vq": "VQ tokenizers", "track": "MLflow run tracking", "ar": "autoregressive models",
+            "diagnose": "measurements that tell a defect from a lack of scale (issue 16)",
+            "bench": "benchmarks to run on your own hardware"}.get(words[0], "")
 
 
 
