@@ -213,6 +213,7 @@ def budget_report(results, runs: list[str], tokenizers: list[str]) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments_for(words: tuple[str, ...], p: argparse.ArgumentParser) -> None:
+    from iar2.cli import positive_int  # argparse types with a range
     if words[1] == "joint-tokens":
         p.add_argument("--tokens", required=True, help="a dual tokenizer's `iar2 tokenize` folder")
         p.add_argument("--out", required=True, help="folder for the joint (single-level) tokens")
@@ -225,7 +226,7 @@ def add_arguments_for(words: tuple[str, ...], p: argparse.ArgumentParser) -> Non
         p.add_argument("--split", default="val")
         p.add_argument("--domain-net", required=True, help="reference network (rFID features)")
         p.add_argument("--report", default=None, help="`iar2 data check` report")
-        p.add_argument("--max-images", type=int, default=200)
+        p.add_argument("--max-images", type=positive_int, default=200)
         p.add_argument("--png", default=None, help="also write the constant-map decodes as a PNG")
     elif words[1] == "ar":
         from iar2.diagnose_ar import add_arguments as add_ar

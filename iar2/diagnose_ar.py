@@ -190,19 +190,20 @@ def sample_set(model, vq, labels: np.ndarray, sc, batch_size: int = 100) -> tupl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_float, nonneg_int, positive_float, positive_int  # argparse types with a range
     p.add_argument("--ar", required=True, help="AR weights (model.safetensors or model_eNNN.safetensors)")
     p.add_argument("--vq", required=True, help="the tokenizer of its tokens")
     p.add_argument("--tokens", required=True, help="training tokens (`iar2 tokenize` folder)")
     p.add_argument("--heldout", default=None, help="held-out tokens (`iar2 tokenize --split val` folder)")
-    p.add_argument("--max-eval", type=int, default=1000, help="images for the teacher-forced measurements")
+    p.add_argument("--max-eval", type=positive_int, default=1000, help="images for the teacher-forced measurements")
     p.add_argument("--domain-net", default=None, help="reference network: class accuracy and FID of samples")
     p.add_argument("--data", default=None, help="ImageFolder root (FID reference: its train split)")
     p.add_argument("--report", default=None, help="`iar2 data check` report")
     p.add_argument("--cache-dir", default=None, help="reference-feature cache (as `iar2 metrics`)")
-    p.add_argument("--per-class", type=int, default=20, help="samples per class and configuration")
-    p.add_argument("--scales", type=float, nargs="*", default=[2.0], help="static CFG scales besides no guidance")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=positive_int, default=20, help="samples per class and configuration")
+    p.add_argument("--scales", type=nonneg_float, nargs="*", default=[2.0], help="static CFG scales besides no guidance")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--png", default=None, help="PNG: per configuration, rows of classes (first 5), 8 samples each")
 
 
