@@ -24,16 +24,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--families", default="iar2,llamagen", help=f"comma list of {', '.join(FAMILIES)}")
     p.add_argument("--size", default="B", choices=["B", "L", "XL", "XXL", "custom"])
-    p.add_argument("--dim", type=int, default=256, help="--size custom only")
-    p.add_argument("--n-layer", type=int, default=4, help="--size custom only")
-    p.add_argument("--n-head", type=int, default=4, help="--size custom only")
-    p.add_argument("--head-layers", type=int, default=0, help="IAR2 head blocks (0: the paper's 5)")
-    p.add_argument("--grid", type=int, default=16, help="token grid side (16: 256 tokens)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch; CFG doubles the rows")
+    p.add_argument("--dim", type=positive_int, default=256, help="--size custom only")
+    p.add_argument("--n-layer", type=positive_int, default=4, help="--size custom only")
+    p.add_argument("--n-head", type=positive_int, default=4, help="--size custom only")
+    p.add_argument("--head-layers", type=nonneg_int, default=0, help="IAR2 head blocks (0: the paper's 5)")
+    p.add_argument("--grid", type=positive_int, default=16, help="token grid side (16: 256 tokens)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per batch; CFG doubles the rows")
     p.add_argument("--cfg", default="static", choices=["none", "static", "progressive", "pag"])
-    p.add_argument("--kv-repeats", type=int, default=1,
+    p.add_argument("--kv-repeats", type=nonneg_int, default=1,
                    help="rounds that also time the uncached decode (it is ~10x slower); 0: skip the KV speed-up")
     add_common_arguments(p)
 

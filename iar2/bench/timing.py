@@ -90,8 +90,9 @@ def write_json(path: str | Path | None, payload: dict) -> None:
 
 
 def add_common_arguments(p) -> None:
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; min and median are reported")
+    p.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds; min and median are reported")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the figures as JSON")
     p.add_argument("--device", default="auto")

@@ -20,14 +20,15 @@ FAMILIES = {"llamagen": dict(paradigm="single", vocab_size=16384),
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--families", default="llamagen,iar2,alternating", help=f"comma list of {', '.join(FAMILIES)}")
     p.add_argument("--size", default="custom", choices=["B", "L", "XL", "XXL", "custom"])
-    p.add_argument("--dim", type=int, default=256, help="--size custom only")
-    p.add_argument("--n-layer", type=int, default=4, help="--size custom only")
-    p.add_argument("--n-head", type=int, default=4, help="--size custom only")
-    p.add_argument("--head-layers", type=int, default=2, help="IAR2 head blocks (paper: 5)")
-    p.add_argument("--grid", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dim", type=positive_int, default=256, help="--size custom only")
+    p.add_argument("--n-layer", type=positive_int, default=4, help="--size custom only")
+    p.add_argument("--n-head", type=positive_int, default=4, help="--size custom only")
+    p.add_argument("--head-layers", type=nonneg_int, default=2, help="IAR2 head blocks (paper: 5)")
+    p.add_argument("--grid", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     add_common_arguments(p)
 
 
