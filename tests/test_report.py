@@ -527,6 +527,26 @@ def test_a_figure_panel_is_its_rows_of_the_sample_sheet(tmp_path):
     assert (tmp_path / "all.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
 
 
+def test_a_panel_with_no_rows_left_is_not_drawn(tmp_path):
+    # a scale with four grid classes fills Figure 9 only: Figures 10 and 11 are shown as absent, not cropped empty
+    from iar2.grid_panels import grid_panels
+    from iar2.report.figures import FigureView, _grid, render_figures
+    from iar2.report.sources import Results
+
+    (tmp_path / "res").mkdir()
+    Image = __import__("PIL.Image", fromlist=["Image"])
+    Image.new("RGB", (20, 40)).save(tmp_path / "res" / "grid.png")
+    panels = [{"figure": f, "classes": {i: f"c{i}" for i in range(4 * k, 4 * k + 4)}} for k, f in enumerate((9, 10, 11))]
+    reg = {"images": grid_panels(panels, [0, 1, 2, 3], "IAR2-XL", "grid.png", "ar/x")}
+    assert [im["rows"] for im in reg["images"]] == [[0, 4], [4, 4], [4, 4]]
+    results = Results(tmp_path / "res")
+    v = FigureView(name="fig9", title="Figures 9-11", kind="grid")
+    _grid(v, reg, results)
+    assert [im["present"] for im in v.images] == [True, False, False]
+    render_figures([v], results, tmp_path / "out")  # used to fail: "cannot write empty image"
+    assert (tmp_path / "out" / "figures" / "fig9-0.png").is_file()
+
+
 def test_readings_table_in_readme_and_report(report):
     from iar2.report.readings import COLUMNS, load_readings, markdown_table
 

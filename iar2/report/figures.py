@@ -192,7 +192,9 @@ def _grid(v: FigureView, reg: dict, results: Results) -> None:
         images = [{"label": reg.get("title", v.name), "file": reg["file"], "run": reg.get("run")}]
     for i, im in enumerate(images):
         p = results.path(im.get("file"))
-        present = bool(p and p.is_file())
+        rows = im.get("rows")
+        # a panel with no rows (a scale with fewer grid classes than App. E's twelve) has nothing to show
+        present = bool(p and p.is_file()) and not (rows and rows[1] <= rows[0])
         v.images.append({"label": im.get("label") or im.get("file"), "file": im.get("file"), "run": im.get("run"),
                          "present": present, "src": f"figures/{v.name}-{i}.png" if present else None,
                          "rows": im.get("rows"), "of": im.get("of")})
