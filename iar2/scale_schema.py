@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+import re
 
 import yaml
 
@@ -96,3 +97,18 @@ def check_scale(cfg: dict, schema: str | Path = SCHEMA) -> None:
     if errors:
         where = f" (params/{cfg.get('scale')}.yaml and its overrides)" if isinstance(cfg.get("scale"), str) else ""
         raise ConfigError(f"the scale config{where} is invalid:\n  " + "\n  ".join(errors))
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def coerce_numbers(cfg):
+    """Numbers typed on the command line (`--config 'recon_eval={max_images: 9}'`) reach the config as strings;
+    turn every string that is entirely a number back into one, in place, before the schema sees it."""
+    items = cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
+    for k, v in list(items):
+        if isinstance(v, (dict, list)):
+            coerce_numbers(v)
+        elif isinstance(v, str) and _NUMBER.fullmatch(v.strip()):
+            cfg[k] = int(v) if re.fullmatch(r"[+-]?\d+", v.strip()) else float(v)
+    return cfg

@@ -168,9 +168,10 @@ def test_incremental_reruns(ci_run, tmp_path):
     import shutil
 
     ci_run = shutil.copytree(ci_run, tmp_path / "ws", symlinks=True)  # the shared run stays as it is
-    again = smk("-n", "reproduce_all", "--config", "scale=ci", cwd=ci_run)
+    # (its own Snakefile: the report declares the paper's files relative to the Snakefile's folder)
+    again = smk("-n", "reproduce_all", "--config", "scale=ci", cwd=ci_run, snakefile=ci_run / "Snakefile")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
-    t9 = smk("-n", "table9", "--config", "scale=ci", cwd=ci_run)
+    t9 = smk("-n", "table9", "--config", "scale=ci", cwd=ci_run, snakefile=ci_run / "Snakefile")
     assert "Nothing to be done" in t9.stdout + t9.stderr
 
     x = load_yaml(ROOT / "params" / "experiments.yaml")
@@ -179,7 +180,7 @@ def test_incremental_reruns(ci_run, tmp_path):
     extra = tmp_path / "table9.yaml"
     extra.write_text(yaml.safe_dump({"experiments": {"tables": {"table9": {"rows": rows}}},
                                      "restrict": {"end": [2.0, 2.5, 3.0]}}))  # the ci scale keeps these ends
-    r = smk("table9", "--config", "scale=ci", "--configfile", str(extra), cwd=ci_run)
+    r = smk("table9", "--config", "scale=ci", "--configfile", str(extra), cwd=ci_run, snakefile=ci_run / "Snakefile")
     assert r.returncode == 0, r.stderr[-3000:]
     counts = job_counts(r.stdout + r.stderr)
     assert counts == Counter({"sample": 1, "gen_metrics": 1, "registry_index": 1, "table9": 1}), counts
@@ -191,7 +192,7 @@ def test_incremental_reruns(ci_run, tmp_path):
     extra10 = tmp_path / "table10.yaml"
     extra10.write_text(yaml.safe_dump({"experiments": {"tables": {"table10": {"rows": s_rows}}},
                                        "restrict": {"s": [1, 2, 4]}}))
-    r = smk("-n", "table10", "--config", "scale=ci", "--configfile", str(extra10), cwd=ci_run)
+    r = smk("-n", "table10", "--config", "scale=ci", "--configfile", str(extra10), cwd=ci_run, snakefile=ci_run / "Snakefile")
     assert r.returncode == 0, r.stderr[-3000:]
     counts = job_counts(r.stdout)
     assert counts["ar_train"] == 1 and counts["sample"] == 1 and counts["gen_metrics"] == 1, counts

@@ -12,7 +12,7 @@ from snakemake.utils import validate
 
 from iar2.config import ConfigError, deep_merge
 from iar2.registry import load_plan, write_index, write_loss_curves, write_summary
-from iar2.scale_schema import check_scale
+from iar2.scale_schema import check_scale, coerce_numbers
 
 
 def _load_scale(cfg):
@@ -28,6 +28,7 @@ config.update(_load_scale(config))
 # The merged config (scale file + --configfile/--config) against the schema, before anything is planned: an
 # unknown key, a wrong type or an out-of-range number stops here. Snakemake's own message prints the whole schema
 # fragment; ours names the dotted key, the allowed keys or values and the closest match of a misspelt key.
+coerce_numbers(config)  # `--config 'recon_eval={max_images: 9}'` arrives as the string '9'
 try:
     validate(config, "../schemas/scale.schema.yaml", set_default=False)
 except WorkflowError:
