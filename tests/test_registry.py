@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import csv
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from iar2.config import ConfigError
-from iar2.registry import Plan, load_plan, load_yaml, parse_guidance
+from iar2.registry import GuidanceId, Plan, load_plan, load_yaml
+from iar2.registry.guidance import PATTERN
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "params" / "paper"
@@ -31,8 +33,7 @@ def experiments() -> dict:
 
 
 def paper_rows(csv_name: str) -> list[dict]:
-    path = PAPER / csv_name if (PAPER / csv_name).is_file() else ROOT.parent / "shared/paper/tables" / csv_name
-    with open(path, newline="") as fh:
+    with open(PAPER / csv_name, newline="") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -88,7 +89,7 @@ def test_shared_runs_are_one_job(paper):
     assert paper.runs["iar2-B-24"].epochs == {50, 100, 150, 200, 250, 300}
     assert paper.runs["iar2-XL-16"].epochs == {50}  # "-" in Table 3's 300-epoch column
     # Every run id is unique per resolved config.
-    keys = [repr(paper.ar_config(r, _for_key=True)) for r in paper.runs]
+    keys = [repr(paper.ar_config(r, identity=True)) for r in paper.runs]
     assert len(keys) == len(set(keys))
 
 
@@ -126,13 +127,33 @@ def test_ci_restricts_sweeps_but_keeps_every_table(experiments):
 
 
 def test_guidance_ids():
-    assert parse_guidance("static-2.25")["guidance"] == {"mode": "static", "scale": 2.25}
-    p = parse_guidance("grid-pag-1.35-3.0")
-    assert p["grid"] and not p["reject"] and p["guidance"]["semantic"] == [1.35, 3.0]
-    assert parse_guidance("prog-1.75-3.0")["guidance"]["mode"] == "progressive"
-    for bad in ("static-1-2", "pag-1.5", "cfg-2.0", "pag-a-b"):
-        with pytest.raises(ConfigError, match="guidance"):
-            parse_guidance(bad)
+    assert GuidanceId.parse("static-2.25").config() == {"mode": "static", "scale": 2.25}
+    p = GuidanceId.parse("grid-pag-1.35-3.0")
+    assert p.grid and not p.reject and p.config()["semantic"] == [1.35, 3.0]
+    assert GuidanceId.parse("prog-1.75-3.0").config()["mode"] == "progressive"
+    assert GuidanceId.parse("pag-1.4-3.15-reject") == GuidanceId("pag", (1.4, 3.15), reject=True)
+
+
+@pytest.mark.parametrize("text", ["static-2.25", "static-1.0", "prog-1.75-3.0", "pag-1.4-3.15", "pag-1.4-3.15-reject",
+                                  "grid-pag-1.35-3.0", "grid-static-2.0-reject"])
+def test_guidance_id_round_trips(text):
+    gid = GuidanceId.parse(text)
+    assert str(gid) == text and GuidanceId.parse(str(gid)) == gid
+    assert re.fullmatch(PATTERN, text)  # the rules' wildcard accepts every id
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("static-1-2", "static takes one scale (static-<scale>)"),
+    ("pag-1.5", "pag takes a start and an end (pag-<start>-<end>)"),
+    ("cfg-2.0", "is not a guidance id; allowed forms: static-<scale>, prog-<start>-<end>, pag-<start>-<end>"),
+    ("pag-a-b", "is not a guidance id"),
+    ("pag-.-.", "are not numbers"),
+    ("static-2", "write it as 'static-2.0'"),  # one spelling per setup, so one sample set per setup
+])
+def test_bad_guidance_ids_are_refused_with_the_allowed_forms(bad, message):
+    with pytest.raises(ConfigError) as e:
+        GuidanceId.parse(bad)
+    assert str(e.value).startswith(f"guidance: {bad!r}") and message in str(e.value)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -185,14 +206,14 @@ def test_changing_table10_s_values_adds_only_those_runs(experiments):
 
 def test_index_points_every_value_at_a_file(paper):
     idx = paper.index()
-    for tid, t in idx["tables"].items():
+    for tid, t in idx.tables.items():
         for row in t["rows"]:
             for col, src in row.get("values", {}).items():
-                assert src["file"].endswith((".json",)) and src["field"] and src["run"] in idx["runs"], (tid, col)
+                assert src["file"].endswith((".json",)) and src["field"] and src["run"] in idx.runs, (tid, col)
             if t["kind"] == "settings":
                 assert row["config"].startswith(("configs/sampling/", "ar/")) and row["run_config"].endswith("config.yaml")
-    assert idx["protocol"]["samples_per_set"] == 50000 and idx["protocol"]["extractor"] == "inception"
-    yaml.safe_dump(idx)  # plain data
+    assert idx.protocol["samples_per_set"] == 50000 and idx.protocol["extractor"] == "inception"
+    yaml.safe_dump(idx.to_dict())  # plain data
 
 
 def test_figures_9_to_11_use_app_e_classes_figure_by_figure(paper):

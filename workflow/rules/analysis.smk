@@ -90,7 +90,7 @@ rule registry_index:
     output:
         f"{R}/registry.json",
     params:
-        index=json.dumps(PLAN.index(), sort_keys=True),  # a registry or scale change rewrites it
+        index=json.dumps(PLAN.index().to_dict(), sort_keys=True),  # a registry or scale change rewrites it
     log:
         f"{R}/logs/registry_index.log",
     localrule: True

@@ -141,7 +141,7 @@ def launch(rule_name, run=None):
 def table_targets(tid):
     """The files one table needs: metrics of its sample sets, recon evals of its tokenizers, configs."""
     files = {f"{R}/registry.json"}
-    t = PLAN.index()["tables"][tid]
+    t = PLAN.index().tables[tid]
     for row in t["rows"]:
         for src in row.get("values", {}).values():
             files.add(f"{R}/{src['file']}")
