@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from iar2.config import ConfigError
-from iar2.registry import GuidanceId, Plan, load_plan, load_yaml
+from iar2.registry import GuidanceId, Plan, RegistryIndex, load_plan, load_yaml
 from iar2.registry.guidance import PATTERN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,3 +236,21 @@ def test_smaller_scales_say_which_classes_stand_in():
     assert [im["rows"] for im in imgs] == [[0, 4], [4, 8], [8, 10]]
     assert "App. E: balloon (417)" in imgs[0]["label"] and "classes 0, 1, 2, 3 of its dataset stand in" in imgs[0]["label"]
     assert "classes 8, 9 of its dataset stand in" in imgs[2]["label"]
+
+
+def test_registry_index_round_trips_through_its_file(paper, tmp_path):
+    """The workflow writes registry.json and the report reads it with the same type: what is read is what was
+    written, and a partial or foreign file reads as far as it goes."""
+    idx = paper.index("abc123")
+    idx.write(tmp_path / "registry.json")
+    back = RegistryIndex.read(tmp_path / "registry.json")
+    assert back == idx and back.to_dict() == idx.to_dict()
+    run = back.runs["ar/iar2-B-24"]
+    assert (run.kind, run.dir, run.config) == ("ar", "ar/iar2-B-24", "ar/iar2-B-24/config.yaml")
+    assert back.runs["tok/vq-16384"].tables is None and "tables" not in back.to_dict()["runs"]["tok/vq-16384"]
+    (tmp_path / "old.json").write_text('{"scale": "ci", "runs": {"ar/x": {"kind": "ar", "dir": "ar/x", '
+                                       '"config": "ar/x/config.yaml", "extra": 1}, "bad": {}}}')
+    old = RegistryIndex.read(tmp_path / "old.json")
+    assert old.scale == "ci" and list(old.runs) == ["ar/x"] and old.git_commit == "unknown" and old.tables == {}
+    (tmp_path / "broken.json").write_text("{")
+    assert RegistryIndex.read(tmp_path / "broken.json") == RegistryIndex() == RegistryIndex.read(tmp_path / "none")

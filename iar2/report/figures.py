@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from iar2 import layout  # noqa: E402
 from iar2.report.sources import Cell, PaperTable, Results, derive_columns, is_number  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class FigureView:
 def figure_names(results: Results) -> list[str]:
     """The fixed figures, plus every further sample-grid figure the registry lists (fig10, fig11)."""
     names = list(FIGURES)
-    extra = sorted(n for n, f in (results.registry.get("figures") or {}).items()
+    extra = sorted(n for n, f in results.registry.figures.items()
                    if n not in names and (f or {}).get("kind") == "grid")
     return names + extra
 
@@ -163,12 +164,12 @@ def _loss_curves(v: FigureView, reg: dict, results: Results) -> None:
         label, run = s.get("label"), s.get("run")
         rows = [r for r in table if (run and r.get("run") == run) or (not run and r.get("label") == label)]
         if not rows and run:
-            d = (results.runs.get(run) or {}).get("dir")
-            p = results.root / d / "metrics.csv" if d else None
+            d = results.run_dir(run)
+            p = results.root / d / layout.TRAIN_METRICS if d else None
             if p is not None and p.is_file():
                 with open(p, newline="") as fh:
                     rows = list(csv.DictReader(fh))
-                v.cells.append(Cell(value=len(rows), status="ok", file=f"{d}/metrics.csv", run=run))
+                v.cells.append(Cell(value=len(rows), status="ok", file=f"{d}/{layout.TRAIN_METRICS}", run=run))
         pts = []
         for r in rows:
             try:

@@ -261,7 +261,7 @@ def _global_protocol(results: Results) -> dict:
 def rerun_text(scale: str, results: Results) -> str:
     lines = [f"# every table and figure, then this report (scale {scale})",
              f"snakemake --cores all reproduce_all --config scale={scale}",
-             f"iar2 report --results {results.registry.get('results') or results.root} --out reports/{scale}", "",
+             f"iar2 report --results {results.registry.results or results.root} --out reports/{scale}", "",
              "# one table or figure"]
     lines += [f"{rerun_cmd(f'table{i}', scale)}" for i in range(1, 14)]
     lines += [f"snakemake --cores all {t} --config scale={scale}" for t in ("fig3", "fig4", "fig7", "fig8")]

@@ -2,8 +2,8 @@
 to, and the provenance of each number (config hash, MLflow run, DVC hash, git commit).
 
 Everything here tolerates a partial run: a file that does not exist yet resolves to a missing value, never an
-exception. The registry format is described in the workflow's `registry_index` rule (paths are relative to the
-results folder).
+exception. The registry index is read with its one typed reader (iar2.registry.index.RegistryIndex; paths in it
+are relative to the results folder).
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from iar2 import layout
+from iar2.registry.index import RegistryIndex, RunEntry
 
 log = logging.getLogger(__name__)
 
@@ -182,41 +185,40 @@ class Results:
     """A results folder and its registry.json (an empty registry when the file is absent)."""
 
     root: Path
-    registry: dict = field(default_factory=dict)
+    registry: RegistryIndex = field(default_factory=RegistryIndex)
     repo_root: Path = Path(".")
     _json_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, root: str | Path, repo_root: str | Path | None = None) -> "Results":
         root = Path(root)
-        reg_path = root / "registry.json"
-        registry: dict = {}
-        if reg_path.is_file():
-            try:
-                registry = json.loads(reg_path.read_text())
-            except json.JSONDecodeError as e:
-                log.error("registry %s is not valid JSON (%s): rendering the paper's numbers only", reg_path, e)
-        else:
-            log.warning("no registry at %s: every number of ours will be marked missing", reg_path)
+        registry = RegistryIndex.read(root / layout.REGISTRY_INDEX)
         return cls(root=root, registry=registry, repo_root=Path(repo_root) if repo_root else _repo_root(root, registry))
 
     @property
     def scale(self) -> str:
-        return str(self.registry.get("scale") or self.root.name)
+        return str(self.registry.scale or self.root.name)
 
     @property
     def protocol(self) -> dict:
-        return dict(self.registry.get("protocol") or {})
+        return dict(self.registry.protocol)
 
     @property
-    def runs(self) -> dict:
-        return dict(self.registry.get("runs") or {})
+    def runs(self) -> dict[str, RunEntry]:
+        return dict(self.registry.runs)
+
+    def run(self, run_id: str | None) -> RunEntry | None:
+        return self.registry.runs.get(run_id or "")
+
+    def run_dir(self, run_id: str | None) -> str | None:
+        entry = self.run(run_id)
+        return entry.dir if entry else None
 
     def table(self, name: str) -> dict:
-        return dict((self.registry.get("tables") or {}).get(name) or {})
+        return dict(self.registry.tables.get(name) or {})
 
     def figure(self, name: str) -> dict:
-        return dict((self.registry.get("figures") or {}).get(name) or {})
+        return dict(self.registry.figures.get(name) or {})
 
     def path(self, rel: str | None) -> Path | None:
         return None if not rel else self.root / rel
@@ -270,7 +272,8 @@ class Results:
 
     def config_of(self, run_id: str | None, config_rel: str | None = None) -> tuple[str | None, dict | None]:
         """(config path relative to the results folder, parsed config) of a run; (path, None) when absent."""
-        rel = config_rel or (self.runs.get(run_id or "") or {}).get("config")
+        entry = self.run(run_id)
+        rel = config_rel or (entry.config if entry else None)
         if not rel:
             return None, None
         p = self.root / rel
@@ -283,9 +286,9 @@ class Results:
             return rel, None
 
 
-def _repo_root(root: Path, registry: dict) -> Path:
+def _repo_root(root: Path, registry: RegistryIndex) -> Path:
     """The repository the results folder belongs to (dvc.lock and git live there)."""
-    rel = str(registry.get("results") or "").strip("/")
+    rel = registry.results.strip("/")
     absolute = root.resolve()
     if rel and absolute.as_posix().endswith("/" + rel):
         return Path(absolute.as_posix()[: -len(rel) - 1])
@@ -364,9 +367,9 @@ class Provenance:
 
     def __init__(self, results: Results):
         self.results = results
-        self.git_commit = str(results.registry.get("git_commit") or "unknown")
+        self.git_commit = results.registry.git_commit
         self.rendered_at_commit = git_head(results.repo_root)
-        self.mlflow_db = results.root / "mlflow.db"
+        self.mlflow_db = results.root / layout.MLFLOW_DB
         self.experiment = f"iar2-{results.scale}"
         self.mlflow = mlflow_runs(self.mlflow_db, self.experiment)
         self.dvc_lock = results.repo_root / "dvc.lock"
@@ -388,14 +391,14 @@ class Provenance:
         return None
 
     def run(self, run_id: str | None, config_rel: str | None = None) -> dict:
-        info = self.results.runs.get(run_id or "") or {}
-        config = config_rel or info.get("config")
+        info = self.results.run(run_id)
+        config = config_rel or (info.config if info else None)
         cfg_path = self.results.path(config)
         ml = self.mlflow.get(run_id or "") or {}
-        return {"run": run_id, "kind": info.get("kind"), "dir": info.get("dir"), "config": config,
-                "config_hash": file_sha256_12(cfg_path) if cfg_path else None,
+        return {"run": run_id, "kind": info.kind if info else None, "dir": info.dir if info else None,
+                "config": config, "config_hash": file_sha256_12(cfg_path) if cfg_path else None,
                 "mlflow_run": ml.get("mlflow_run"), "mlflow_status": ml.get("status"),
-                "dvc_md5": self.dvc_hash(info.get("dir")), "git_commit": self.git_commit}
+                "dvc_md5": self.dvc_hash(info.dir if info else None), "git_commit": self.git_commit}
 
     def number(self, cell: Cell) -> dict:
         d = self.run(cell.run)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iar2 import layout
 from iar2.report.sources import (METRIC_COLUMNS, REPRODUCED_METHOD, SETTINGS_TABLES, TABLES, Cell, PaperTable,
                                  Provenance, Results, canon, fmt, is_number, key_of, load_paper_table)
 
@@ -270,8 +271,8 @@ def _plain(path: str):
 
 
 def _params(cfg, results: Results, run):
-    d = (results.runs.get(run or "") or {}).get("dir")
-    meta = results.read_json(f"{d}/model.json") if d else None
+    d = results.run_dir(run)
+    meta = results.read_json(f"{d}/{layout.MODEL_META}") if d else None
     n = (meta or {}).get("params")
     if not is_number(n):
         return None, ""
@@ -288,8 +289,8 @@ def _lr(cfg, results, run):
 def _epochs(cfg, results, run):
     t = cfg.get("train") or {}
     text = _num(t.get("epochs"))
-    d = (results.runs.get(run or "") or {}).get("dir")
-    meta = results.read_json(f"{d}/model.json") if d else None
+    d = results.run_dir(run)
+    meta = results.read_json(f"{d}/{layout.MODEL_META}") if d else None
     if t.get("steps"):
         done = f" = {meta['epoch']:g} epochs" if meta and is_number(meta.get("epoch")) else ""
         text = f"{text} nominal; {t['steps']} steps{done}" if text else f"{t['steps']} steps{done}"
@@ -298,7 +299,8 @@ def _epochs(cfg, results, run):
 
 def _gpus(cfg, results, run):
     # The scale's SLURM resources for the run (registry.json "runs" -> "resources"); CPU scales have none.
-    res = (results.runs.get(run or "") or {}).get("resources") or {}
+    entry = results.run(run)
+    res = (entry.resources if entry else None) or {}
     n = res.get("gpu")
     if not is_number(n) or not n:
         return None, "0 (CPU)"
