@@ -21,8 +21,8 @@ rule reproduce_all:
     """Every table and figure of the paper at the current scale, the summary and the report."""
     input:
         ALL_TARGETS,
-        f"{R}/summary.json",
-        f"reports/{SCALE}",
+        f"{R}/{layout.SUMMARY}",
+        layout.report_dir(SCALE),
 
 
 rule samples:

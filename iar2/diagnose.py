@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iar2 import layout
 from iar2.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,11 @@ def budget_report(results, runs: list[str], tokenizers: list[str]) -> dict:
     results = Path(results)
     out: dict = {"ar": {}, "tokenizers": {}}
     for run in runs:
-        d = results / "ar" / run
-        meta = read_json(d / "model.json") if (d / "model.json").is_file() else {}
+        meta_path = results / layout.model_meta(run)
+        meta = read_json(meta_path) if meta_path.is_file() else {}
         rc = meta.get("run_config", {})
         tr = rc.get("train", {})
-        rows = _csv_rows(d / "metrics.csv")
+        rows = _csv_rows(results / layout.train_metrics(run))
         n_img = None
         if tr.get("tokens") and (Path(tr["tokens"]) / "meta.json").is_file():
             n_img = read_json(Path(tr["tokens"]) / "meta.json")["num_images"]
@@ -198,10 +199,10 @@ def budget_report(results, runs: list[str], tokenizers: list[str]) -> dict:
             "data_passes": steps * tr["batch_size"] / n_img if steps and n_img else None,
             "loss": {k: loss_trend(rows, k) for k in keys}}
     for tok in tokenizers:
-        d = results / "tokenizers" / tok
+        d = results / layout.tokenizer_dir(tok)
         entry = {}
         for stage_dir in sorted([p for p in d.iterdir() if p.is_dir()] if d.is_dir() else []) + [d]:
-            rows = _csv_rows(stage_dir / "metrics.csv")
+            rows = _csv_rows(stage_dir / layout.TRAIN_METRICS)
             if not rows:
                 continue
             keys = [k for k in rows[0] if k not in ("step", "lr", "steps_per_s", "epoch")]

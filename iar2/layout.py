@@ -99,6 +99,14 @@ def run_dir(run: str) -> str:
     return f"ar/{run}"
 
 
+def run_of(folder: str) -> str:
+    """The run id of an AR run's folder (run_dir's inverse; the index names runs by their folders)."""
+    prefix = run_dir("")
+    if not folder.startswith(prefix):
+        raise ValueError(f"{folder!r} is not an AR run's folder ({prefix}<run>)")
+    return folder[len(prefix):]
+
+
 def ar_weights(run: str) -> str:
     return f"{run_dir(run)}/{AR_WEIGHTS}"
 
@@ -117,7 +125,7 @@ def model_meta(run: str) -> str:
 
 
 def train_metrics(run: str) -> str:
-    """Per-step losses of an AR run (Figure 8)."""
+    """Per-step losses of an AR run (Figure 8); a tokenizer writes its own in its folder (and stage1/)."""
     return f"{run_dir(run)}/{TRAIN_METRICS}"
 
 

@@ -122,7 +122,7 @@ def _settings_configs(plan: Plan) -> dict:
             continue
         t = copy.deepcopy(t)
         for row in t["rows"]:
-            rid = row["run"][len(layout.run_dir("")):]
+            rid = layout.run_of(row["run"])
             row["run_config"] = layout.ar_run_config(rid)
             row["config"] = row["run_config"]
             if "guidance" in row:

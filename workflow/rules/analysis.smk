@@ -6,21 +6,21 @@ rule tokenize:
     """Codes of the train split at one of the paper's grids (16x16 / 24x24 -> an image size per scale), with
     LlamaGen's augmentations, memory-mapped; resumes after a kill."""
     input:
-        vq=f"{R}/tokenizers/{{tok}}/vq.safetensors",
+        vq=f"{R}/{layout.vq('{tok}')}",
         data=DATA["root"],
-        report=f"{R}/data/check.json",
+        report=f"{R}/{layout.data_check()}",
     output:
-        f"{R}/tokens/{{tok}}/g{{grid}}/meta.json",
+        f"{R}/{layout.tokens_meta('{tok}', '{grid}')}",
     params:
         aug=config.get("tokenize", {}).get("aug", "flip"),
         size=lambda w: PLAN.image_size(int(w.grid)),
-        out=lambda w: f"{R}/tokens/{w.tok}/g{w.grid}",
+        out=lambda w: f"{R}/{layout.tokens_dir(w.tok, w.grid)}",
     resources:
         **res("tokenize"),
     conda:
         ENV
     log:
-        f"{R}/logs/tokenize/{{tok}}-g{{grid}}.log",
+        f"{R}/{layout.log('tokenize', '{tok}-g{grid}')}",
     shell:
         "iar2 tokenize --vq {input.vq:q} --data {input.data:q} --split train --report {input.report:q} "
         "--aug {params.aug:q} --image-size {params.size:q} --out {params.out:q} --resume > {log:q} 2>&1"
@@ -29,19 +29,19 @@ rule tokenize:
 rule rearrange:
     """IAR codebook rearrangement: balanced k-means clusters, permutation, rearranged tokenizer."""
     input:
-        vq=f"{R}/tokenizers/{{tok}}/vq.safetensors",
+        vq=f"{R}/{layout.vq('{tok}')}",
     output:
-        f"{R}/tokenizers/{{tok}}-rearranged/summary.json",
-        f"{R}/tokenizers/{{tok}}-rearranged/vq.safetensors",
+        f"{R}/{layout.rearrange_summary(layout.rearranged('{tok}'))}",
+        f"{R}/{layout.vq(layout.rearranged('{tok}'))}",
     params:
         r=config["rearrange"],
-        out=lambda w: f"{R}/tokenizers/{w.tok}-rearranged",
+        out=lambda w: f"{R}/{layout.tokenizer_dir(layout.rearranged(w.tok))}",
     resources:
         **res("rearrange"),
     conda:
         ENV
     log:
-        f"{R}/logs/rearrange/{{tok}}.log",
+        f"{R}/{layout.log('rearrange', '{tok}')}",
     shell:
         "iar2 rearrange --vq {input.vq:q} --clusters {params.r[clusters]:q} --seed {params.r[seed]:q} "
         "--out {params.out:q} > {log:q} 2>&1"
@@ -50,13 +50,13 @@ rule rearrange:
 rule code_distance:
     """Figure 3: MSE and LPIPS of decodes whose codes are replaced at growing code distance."""
     input:
-        vq=f"{R}/tokenizers/{{tok}}/vq.safetensors",
-        refnet=f"{R}/refnet/refnet.safetensors",
+        vq=f"{R}/{layout.vq('{tok}')}",
+        refnet=f"{R}/{layout.refnet()}",
         data=DATA["root"],
         # `iar2 code-distance` has no --report yet: declared so the scan of the images it decodes comes first
-        report=f"{R}/data/check.json",
+        report=f"{R}/{layout.data_check()}",
     output:
-        f"{R}/analysis/code_distance/{{tok}}.json",
+        f"{R}/{layout.code_distance('{tok}')}",
     params:
         n=config.get("code_distance", {}).get("num_images", 32),
         perceptual=config["recon_eval"].get("perceptual", "domain"),
@@ -65,7 +65,7 @@ rule code_distance:
     conda:
         ENV
     log:
-        f"{R}/logs/code_distance/{{tok}}.log",
+        f"{R}/{layout.log('code_distance', '{tok}')}",
     shell:
         "iar2 code-distance --vq {input.vq:q} --data {input.data:q} --split val --num-images {params.n:q} "
         "--perceptual {params.perceptual:q} --domain-net {input.refnet:q} --out {output:q} > {log:q} 2>&1"
@@ -74,11 +74,11 @@ rule code_distance:
 rule loss_curves:
     """Figure 8: the semantic and detail cross-entropy of each IAR2 size over training, in one CSV."""
     input:
-        [f"{R}/ar/{r}/model.safetensors" for r in LOSS_RUNS],
+        [f"{R}/{layout.ar_weights(r)}" for r in LOSS_RUNS],
     output:
-        f"{R}/analysis/loss_curves.csv",
+        f"{R}/{layout.LOSS_CURVES}",
     log:
-        f"{R}/logs/loss_curves.log",
+        f"{R}/{layout.log('loss_curves')}",
     localrule: True
     run:
         write_loss_curves(PLAN, LOSS_RUNS, output[0])
@@ -88,11 +88,11 @@ rule registry_index:
     """results/<scale>/registry.json: every table row and figure point -> the file and field holding our number
     (what the report reads; rewritten when the registry or the scale changes)."""
     output:
-        f"{R}/registry.json",
+        f"{R}/{layout.REGISTRY_INDEX}",
     params:
         index=json.dumps(PLAN.index().to_dict(), sort_keys=True),  # a registry or scale change rewrites it
     log:
-        f"{R}/logs/registry_index.log",
+        f"{R}/{layout.log('registry_index')}",
     localrule: True
     run:
         write_index(PLAN, output[0], workflow.basedir)
@@ -103,9 +103,9 @@ rule summary:
     input:
         ALL_TARGETS,
     output:
-        f"{R}/summary.json",
+        f"{R}/{layout.SUMMARY}",
     log:
-        f"{R}/logs/summary.log",
+        f"{R}/{layout.log('summary')}",
     localrule: True
     run:
         write_summary(PLAN, output[0])

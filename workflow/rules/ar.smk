@@ -9,22 +9,21 @@ rule time_match:
     wildcard_constraints:
         run=_alternation(TIMED),
     input:
-        tokens=lambda w: f"{R}/tokens/{PLAN.runs[w.run].tokenizer}/g{PLAN.runs[w.run].grid}/meta.json",
-        ref_tokens=lambda w: (f"{R}/tokens/{PLAN.runs[PLAN.runs[w.run].time_match].tokenizer}/"
-                              f"g{PLAN.runs[PLAN.runs[w.run].time_match].grid}/meta.json"),
+        tokens=lambda w: f"{R}/{tokens_of(w.run)}",
+        ref_tokens=lambda w: f"{R}/{tokens_of(PLAN.runs[w.run].time_match)}",
     output:
-        f"{R}/ar/{{run}}/time_match.json",
+        f"{R}/{layout.time_match('{run}')}",
     params:
         cfg=lambda w: cfg_json(PLAN.ar_config(w.run)),
-        cfgfile=lambda w: f"{R}/configs/time_match/{w.run}.yaml",
+        cfgfile=lambda w: f"{R}/{layout.job_config('time_match', w.run)}",
         ref=lambda w: cfg_json(PLAN.ar_config(PLAN.runs[w.run].time_match)),
-        reffile=lambda w: f"{R}/configs/time_match/{w.run}.reference.yaml",
+        reffile=lambda w: f"{R}/{layout.job_config('time_match', f'{w.run}.reference')}",
     resources:
         **res("time_match"),
     conda:
         ENV
     log:
-        f"{R}/logs/time_match/{{run}}.log",
+        f"{R}/{layout.log('time_match', '{run}')}",
     shell:
         "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
         "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && printf '%s\\n' {params.ref:q} > {params.reffile:q} && "
@@ -35,23 +34,23 @@ rule ar_train:
     """Train one AR run; exports the weights after each epoch the registry samples (model_eNNN.safetensors) and
     at the end (model.safetensors). A preempted or retried job resumes from its latest checkpoint."""
     input:
-        tokens=lambda w: f"{R}/tokens/{PLAN.runs[w.run].tokenizer}/g{PLAN.runs[w.run].grid}/meta.json",
-        budget=lambda w: [f"{R}/ar/{w.run}/time_match.json"] if PLAN.runs[w.run].time_match else [],
+        tokens=lambda w: f"{R}/{tokens_of(w.run)}",
+        budget=lambda w: [f"{R}/{layout.time_match(w.run)}"] if PLAN.runs[w.run].time_match else [],
     output:
-        f"{R}/ar/{{run}}/model.safetensors",
+        f"{R}/{layout.ar_weights('{run}')}",
     params:
-        out=lambda w: f"{R}/ar/{w.run}",
+        out=lambda w: f"{R}/{layout.run_dir(w.run)}",
         cfg=lambda w: cfg_json(PLAN.ar_config(w.run)),
-        cfgfile=lambda w: f"{R}/configs/ar/{w.run}.yaml",
-        budget=lambda w: opt("--budget", f"{R}/ar/{w.run}/time_match.json" if PLAN.runs[w.run].time_match else ""),
+        cfgfile=lambda w: f"{R}/{layout.job_config('ar', w.run)}",
+        budget=lambda w: opt("--budget", f"{R}/{layout.time_match(w.run)}" if PLAN.runs[w.run].time_match else ""),
         launch=lambda w: launch("ar_train", w.run),
-        env=lambda w: tag("ar_train", f"ar/{w.run}", PLAN.tables_of_run(w.run)),
+        env=lambda w: tag("ar_train", layout.run_dir(w.run), PLAN.tables_of_run(w.run)),
     resources:
         **res("ar_train"),
     conda:
         ENV
     log:
-        f"{R}/logs/ar_train/{{run}}.log",
+        f"{R}/{layout.log('ar_train', '{run}')}",
     shell:
         "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
         "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && "
@@ -64,25 +63,25 @@ rule sample:
     input:
         unpack(sample_inputs),
     output:
-        f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/samples.npz",
-        report(f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/grid.png", caption="../report/samples.rst",
+        f"{R}/{layout.samples(SAMPLE)}",
+        report(f"{R}/{layout.sample_grid(SAMPLE)}", caption="../report/samples.rst",
                category="Samples", subcategory="{run}", labels={"run": "{run}", "epoch": "{epoch}",
                                                               "guidance": "{guidance}"}),
     params:
         # written by the same ar_train job as input.ar (its per-epoch export), so input.ar stands for it
-        weights=lambda w: f"{R}/ar/{w.run}/model_e{int(w.epoch):03d}.safetensors",
+        weights=lambda w: f"{R}/{layout.ar_weights_at(w.run, w.epoch)}",
         cfg=lambda w: cfg_json(PLAN.sample_config(w.guidance)),
-        cfgfile=lambda w: f"{R}/configs/sampling/{w.guidance}.yaml",
+        cfgfile=lambda w: f"{R}/{layout.job_config('sampling', w.guidance)}",
         launch=lambda w: launch("sample"),
-        out=lambda w: f"{R}/ar/{w.run}/e{w.epoch}/{w.guidance}",
-        env=lambda w: tag("sample", f"ar/{w.run}/e{w.epoch}/{w.guidance}",
-                          ",".join(sorted(PLAN.samples[f"{w.run}/e{w.epoch}/{w.guidance}"].tables))),
+        out=lambda w: f"{R}/{layout.sample_dir(sample_of(w))}",
+        env=lambda w: tag("sample", layout.sample_dir(sample_of(w)),
+                          ",".join(sorted(PLAN.samples[sample_of(w)].tables))),
     resources:
         **res("sample"),
     conda:
         ENV
     log:
-        f"{R}/logs/sample/{{run}}-e{{epoch}}-{{guidance}}.log",
+        f"{R}/{layout.log('sample', '{run}-e{epoch}-{guidance}')}",
     shell:
         "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
         "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && "
@@ -93,25 +92,25 @@ rule sample:
 rule gen_metrics:
     """FID / IS / precision / recall of one sample set (against ADM's reference batch at the paper scale)."""
     input:
-        samples=f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/samples.npz",
-        refnet=f"{R}/refnet/refnet.safetensors",
+        samples=f"{R}/{layout.samples(SAMPLE)}",
+        refnet=f"{R}/{layout.refnet()}",
         data=DATA["root"],
-        report=f"{R}/data/check.json",
+        report=f"{R}/{layout.data_check()}",
     output:
-        f"{R}/ar/{{run}}/e{{epoch}}/{{guidance}}/metrics.json",
+        f"{R}/{layout.gen_metrics(SAMPLE)}",
     params:
         m=config["gen_metrics"],
         ref=opt("--ref-npz", config["gen_metrics"].get("ref_npz")),
         boot=lambda w: config["gen_metrics"].get("bootstrap", 200),  # replicates for the claims' intervals
-        cache=f"{R}/cache/reference",
-        env=lambda w: tag("gen_metrics", f"ar/{w.run}/e{w.epoch}/{w.guidance}",
-                          ",".join(sorted(PLAN.samples[f"{w.run}/e{w.epoch}/{w.guidance}"].tables))),
+        cache=f"{R}/{layout.REFERENCE_CACHE}",
+        env=lambda w: tag("gen_metrics", layout.sample_dir(sample_of(w)),
+                          ",".join(sorted(PLAN.samples[sample_of(w)].tables))),
     resources:
         **res("gen_metrics"),
     conda:
         ENV
     log:
-        f"{R}/logs/gen_metrics/{{run}}-e{{epoch}}-{{guidance}}.log",
+        f"{R}/{layout.log('gen_metrics', '{run}-e{epoch}-{guidance}')}",
     shell:
         "{params.env} iar2 metrics --samples {input.samples:q} --data {input.data:q} --split train "
         "--report {input.report:q} --extractor {params.m[extractor]:q} --domain-net {input.refnet:q} "

@@ -10,8 +10,11 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from iar2 import layout
 from iar2.config import ConfigError, deep_merge
-from iar2.registry import load_plan, write_index, write_loss_curves, write_summary
+from iar2.registry import GuidanceId, load_plan, write_index, write_loss_curves, write_summary
+from iar2.registry.guidance import PATTERN as GUIDANCE_PATTERN
+from iar2.registry.index import tok_run_id
 from iar2.scale_schema import check_scale, coerce_numbers
 
 
@@ -59,16 +62,16 @@ wildcard_constraints:
     epoch=r"\d+",
     run=_alternation(PLAN.runs),
     tok=_alternation(TOKENIZER_IDS),
-    guidance=r"(grid-)?(static|prog|pag)-[0-9.]+(-[0-9.]+)?(-reject)?",
+    guidance=GUIDANCE_PATTERN,
 
 # Every job logs to one MLflow experiment per scale (a SQLite store under the results folder by default;
 # export MLFLOW_TRACKING_URI=http://... to use an `mlflow server` on a cluster).
-os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(R).resolve()}/mlflow.db")
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(R).resolve()}/{layout.MLFLOW_DB}")
 os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", f"iar2-{SCALE}")
 # tracking.mode spool (ci, default): jobs write their runs as records; one `iar2 track sync` logs them all when
 # the workflow ends (iar2/tracking.py says why). live (paper): jobs log to the store themselves.
 TRACKING = (config.get("tracking") or {}).get("mode", "live")
-SPOOL = f"{Path(R).resolve()}/mlflow-spool"
+SPOOL = f"{Path(R).resolve()}/{layout.MLFLOW_SPOOL}"
 if TRACKING == "spool":
     os.environ.setdefault("IAR2_MLFLOW_SPOOL", SPOOL)
 
@@ -140,20 +143,20 @@ def launch(rule_name, run=None):
 
 def table_targets(tid):
     """The files one table needs: metrics of its sample sets, recon evals of its tokenizers, configs."""
-    files = {f"{R}/registry.json"}
+    files = {f"{R}/{layout.REGISTRY_INDEX}"}
     t = PLAN.index().tables[tid]
     for row in t["rows"]:
         for src in row.get("values", {}).values():
             files.add(f"{R}/{src['file']}")
         if t["kind"] == "settings":
-            files.add(f"{R}/{row['run']}/model.safetensors")
+            files.add(f"{R}/{layout.ar_weights(layout.run_of(row['run']))}")
             if row.get("sample"):
-                files.add(f"{R}/ar/{row['sample']}/samples.npz")
+                files.add(f"{R}/{layout.samples(row['sample'])}")
     return sorted(files)
 
 
 def figure_targets(fid):
-    files = {f"{R}/registry.json"}
+    files = {f"{R}/{layout.REGISTRY_INDEX}"}
     f = PLAN.figures[fid]
 
     def walk(obj):
@@ -173,11 +176,11 @@ def figure_targets(fid):
 TABLES = sorted(PLAN.tables, key=lambda t: int(t[len("table"):]))
 FIGURES = list(PLAN.figures)
 ALL_TARGETS = sorted({p for t in TABLES for p in table_targets(t)} | {p for f in FIGURES for p in figure_targets(f)})
-SAMPLE_TARGETS = sorted(f"{R}/ar/{s.id}/" + ("grid.png" if s.is_grid else "metrics.json")
+SAMPLE_TARGETS = sorted(f"{R}/{layout.sample_grid(s.id) if s.is_grid else layout.gen_metrics(s.id)}"
                         for s in PLAN.samples.values())
 
 
-LOSS_RUNS = [s["run"][len("ar/"):] for f in PLAN.figures.values() if f["kind"] == "loss_curves" for s in f["series"]]
+LOSS_RUNS = [layout.run_of(s["run"]) for f in PLAN.figures.values() if f["kind"] == "loss_curves" for s in f["series"]]
 
 
 # ----------------------------------------------------------------------------- input functions
@@ -189,15 +192,28 @@ def final_stage(w):
 
 def train_inputs(w):
     # report: the config's data.check_report (the registry sets it), so its bad images are skipped
-    inp = {"refnet": f"{R}/refnet/refnet.safetensors", "data": DATA["root"], "report": f"{R}/data/check.json"}
+    inp = {"refnet": f"{R}/{layout.refnet()}", "data": DATA["root"], "report": f"{R}/{layout.data_check()}"}
     if final_stage(w) == "stage2":
-        inp["init"] = f"{R}/tokenizers/{w.tok}/stage1/vq.safetensors"
+        inp["init"] = f"{R}/{layout.stage1_vq(w.tok)}"
     return inp
+
+
+def tokens_of(rid):
+    """The token set a run trains on."""
+    r = PLAN.runs[rid]
+    return layout.tokens_meta(r.tokenizer, r.grid)
+
+
+SAMPLE = layout.sample_id("{run}", "{epoch}", "{guidance}")  # a sample set's id in the rules' wildcards
+
+
+def sample_of(w):
+    return layout.sample_id(w.run, w.epoch, w.guidance)
 
 
 def sample_inputs(w):
     r = PLAN.runs[w.run]
-    inp = {"ar": f"{R}/ar/{w.run}/model.safetensors", "vq": f"{R}/tokenizers/{r.tokenizer}/vq.safetensors"}
-    if w.guidance.endswith("-reject"):
-        inp["refnet"] = f"{R}/refnet/refnet.safetensors"
+    inp = {"ar": f"{R}/{layout.ar_weights(w.run)}", "vq": f"{R}/{layout.vq(r.tokenizer)}"}
+    if GuidanceId.parse(w.guidance).reject:
+        inp["refnet"] = f"{R}/{layout.refnet()}"
     return inp

@@ -11,7 +11,7 @@ if DATA["source"] == "builtin":
         conda:
             ENV
         log:
-            f"{R}/logs/builtin_data.log",
+            f"{R}/{layout.log('builtin_data')}",
         localrule: True
         shell:
             "iar2 data builtin --out {output:q} --num-classes {params.b[num_classes]:q} "
@@ -39,13 +39,13 @@ rule data_check:
     input:
         DATA["root"],
     output:
-        f"{R}/data/check.json",
+        f"{R}/{layout.data_check()}",
     resources:
         **res("data_check"),
     conda:
         ENV
     log:
-        f"{R}/logs/data_check.log",
+        f"{R}/{layout.log('data_check')}",
     shell:
         "iar2 data check --root {input:q} --out {output:q} > {log:q} 2>&1"
 
@@ -54,9 +54,9 @@ rule refnet:
     """Train the domain reference network on the train split (offline LPIPS backend and metric features)."""
     input:
         data=DATA["root"],
-        report=f"{R}/data/check.json",
+        report=f"{R}/{layout.data_check()}",
     output:
-        f"{R}/refnet/refnet.safetensors",
+        f"{R}/{layout.refnet()}",
     params:
         r=config["refnet"],
     # Nothing else can run while it trains (every tokenizer's perceptual loss needs it): a scale may give it
@@ -67,7 +67,7 @@ rule refnet:
     conda:
         ENV
     log:
-        f"{R}/logs/refnet.log",
+        f"{R}/{layout.log('refnet')}",
     shell:
         "iar2 refnet train --data {input.data:q} --report {input.report:q} --out {output:q} "
         "--steps {params.r[steps]:q} --batch-size {params.r[batch_size]:q} --input-size {params.r[input_size]:q} "

@@ -6,15 +6,15 @@ rule report:
     """reports/<scale>/: index.html (self-contained), report.md, claims.md, figures (PNG + SVG), provenance."""
     input:
         targets=ALL_TARGETS,
-        summary=f"{R}/summary.json",
+        summary=f"{R}/{layout.SUMMARY}",
         paper=PAPER_FILES,  # the paper's numbers and claims the report sets ours beside
     output:
-        report(directory(f"reports/{SCALE}"), htmlindex="index.html", caption="../report/report.rst",
+        report(directory(layout.report_dir(SCALE)), htmlindex="index.html", caption="../report/report.rst",
                category="Reproduction report"),
     conda:
         ENV
     log:
-        f"{R}/logs/report.log",
+        f"{R}/{layout.log('report')}",
     params:
         # spooled MLflow runs are logged first, so the provenance names every number's MLflow run
         sync="iar2 track sync && " if TRACKING == "spool" else "",

@@ -11,19 +11,19 @@ rule vq_train:
     input:
         unpack(train_inputs),
     output:
-        f"{R}/tokenizers/{{tok}}/vq.safetensors",
+        f"{R}/{layout.vq('{tok}')}",
     params:
-        out=lambda w: f"{R}/tokenizers/{w.tok}",
+        out=lambda w: f"{R}/{layout.tokenizer_dir(w.tok)}",
         cfg=lambda w: cfg_json(PLAN.tokenizer_config(w.tok, final_stage(w))),
-        cfgfile=lambda w: f"{R}/configs/tokenizer/{w.tok}-{final_stage(w)}.yaml",
+        cfgfile=lambda w: f"{R}/{layout.job_config('tokenizer', f'{w.tok}-{final_stage(w)}')}",
         launch=lambda w: launch("vq_train"),
-        env=lambda w: tag("vq_train", f"tok/{w.tok}", ",".join(sorted(PLAN.used_tokenizers.get(w.tok, [])))),
+        env=lambda w: tag("vq_train", tok_run_id(w.tok), ",".join(sorted(PLAN.used_tokenizers.get(w.tok, [])))),
     resources:
         **res("vq_train"),
     conda:
         ENV
     log:
-        f"{R}/logs/vq_train/{{tok}}.log",
+        f"{R}/{layout.log('vq_train', '{tok}')}",
     shell:
         "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
         "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && "
@@ -36,23 +36,23 @@ rule vq_train_stage1:
     wildcard_constraints:
         tok=TRAINED_RE,
     input:
-        refnet=f"{R}/refnet/refnet.safetensors",
+        refnet=f"{R}/{layout.refnet()}",
         data=DATA["root"],
-        report=f"{R}/data/check.json",  # the config's data.check_report: its bad images are skipped
+        report=f"{R}/{layout.data_check()}",  # the config's data.check_report: its bad images are skipped
     output:
-        f"{R}/tokenizers/{{tok}}/stage1/vq.safetensors",
+        f"{R}/{layout.stage1_vq('{tok}')}",
     params:
-        out=lambda w: f"{R}/tokenizers/{w.tok}/stage1",
+        out=lambda w: f"{R}/{layout.stage1_dir(w.tok)}",
         cfg=lambda w: cfg_json(PLAN.tokenizer_config(w.tok, "stage1")),
-        cfgfile=lambda w: f"{R}/configs/tokenizer/{w.tok}-stage1.yaml",
+        cfgfile=lambda w: f"{R}/{layout.job_config('tokenizer', f'{w.tok}-stage1')}",
         launch=lambda w: launch("vq_train_stage1"),
-        env=lambda w: tag("vq_train_stage1", f"tok/{w.tok}/stage1"),
+        env=lambda w: tag("vq_train_stage1", f"{tok_run_id(w.tok)}/stage1"),
     resources:
         **res("vq_train_stage1"),
     conda:
         ENV
     log:
-        f"{R}/logs/vq_train/{{tok}}-stage1.log",
+        f"{R}/{layout.log('vq_train', '{tok}-stage1')}",
     shell:
         "mkdir -p \"$(dirname {params.cfgfile:q})\" && printf '%s\\n' {params.cfg:q} > {params.cfgfile:q}.tmp$$ && "
         "mv -f {params.cfgfile:q}.tmp$$ {params.cfgfile:q} && "
@@ -68,21 +68,21 @@ rule recon_eval:
     wildcard_constraints:
         tok=TRAINED_RE,
     input:
-        vq=f"{R}/tokenizers/{{tok}}/vq.safetensors",
-        refnet=f"{R}/refnet/refnet.safetensors",
+        vq=f"{R}/{layout.vq('{tok}')}",
+        refnet=f"{R}/{layout.refnet()}",
         data=DATA["root"],
-        report=f"{R}/data/check.json",
+        report=f"{R}/{layout.data_check()}",
     output:
-        f"{R}/tokenizers/{{tok}}/recon.json",
+        f"{R}/{layout.recon('{tok}')}",
     params:
         e=config["recon_eval"],
-        env=lambda w: tag("recon_eval", f"tok/{w.tok}", ",".join(sorted(PLAN.used_tokenizers.get(w.tok, [])))),
+        env=lambda w: tag("recon_eval", tok_run_id(w.tok), ",".join(sorted(PLAN.used_tokenizers.get(w.tok, [])))),
     resources:
         **res("recon_eval"),
     conda:
         ENV
     log:
-        f"{R}/logs/recon_eval/{{tok}}.log",
+        f"{R}/{layout.log('recon_eval', '{tok}')}",
     shell:
         "{params.env} iar2 vq eval --vq {input.vq:q} --data {input.data:q} --split val --report {input.report:q} "
         "--extractor {params.e[extractor]:q} --perceptual {params.e[perceptual]:q} --domain-net {input.refnet:q} "
