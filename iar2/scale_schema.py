@@ -3,7 +3,8 @@
 Snakemake's `validate()` is the gate in the workflow (workflow/rules/common.smk); its errors print jsonschema's
 whole schema fragment. `schema_errors` re-runs the same schema and says, per problem, the dotted key, what is
 allowed and, for a misspelt key, the closest allowed one: "restirct: unknown key; allowed keys: ...; did you
-mean 'restrict'?". The registry (iar2/registry.py) calls `check_scale` too, so its direct users get the same.
+mean 'restrict'?". iar2/scale.py calls `check_scale` before it types a scale config, so the registry's direct
+users (load_plan) get the same.
 """
 from __future__ import annotations
 

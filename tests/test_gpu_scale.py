@@ -24,7 +24,7 @@ def test_gpu_scale_trains_and_samples_in_bf16_and_cpu_scales_in_fp32():
     gpu = load_plan(ROOT, load_yaml(ROOT / "params" / "gpu.yaml"))
     assert all(gpu.ar_config(rid)["train"]["precision"] == "bf16" for rid in gpu.runs)
     assert gpu.sample_config("static-2.0")["precision"] == "bf16"
-    assert gpu.s["gen_metrics"]["extractor"] == "domain" and gpu.s["recon_eval"]["extractor"] == "domain"
+    assert gpu.s.gen_metrics.extractor == "domain" and gpu.s.recon_eval.extractor == "domain"
     for name in ("ci", "default"):  # no native bf16 on the CPUs these run on: fp32 (README, "Speed and precision")
         p = load_plan(ROOT, load_yaml(ROOT / "params" / f"{name}.yaml"))
         assert all(p.ar_config(rid)["train"]["precision"] == "fp32" for rid in p.runs)

@@ -115,7 +115,7 @@ def test_codebooks_and_grids_map_per_scale():
     assert d.tokenizer_config("sd-256-4096", "stage2")["model"]["semantic_size"] == 16
     assert d.ar_config("iar2-B-24")["model"]["grid"] == 12  # 48 px / 4
     assert d.ar_config("llamagen-B-16")["model"]["vocab_size"] == 1024
-    assert d.ar_config("iar2-B-24")["train"]["epoch_steps"] == d.s["ar"]["epoch_steps"] == 0.75
+    assert d.ar_config("iar2-B-24")["train"]["epoch_steps"] == d.s.ar.epoch_steps == 0.75
 
 
 def test_ci_restricts_sweeps_but_keeps_every_table(experiments):
@@ -219,7 +219,7 @@ def test_index_points_every_value_at_a_file(paper):
 def test_figures_9_to_11_use_app_e_classes_figure_by_figure(paper):
     # App. E: Fig. 9 balloon 417, house finch 12, triumphal arch 873, breakwater 460; Fig. 10 alp 970, Arctic fox
     # 279, marmot 336, liner 628; Fig. 11 coyote 272, schooner 780, stupa 832, daisy 985
-    assert paper.s["sampling"]["grid"]["classes"] == [417, 12, 873, 460, 970, 279, 336, 628, 272, 780, 832, 985]
+    assert paper.s.sampling.grid["classes"] == [417, 12, 873, 460, 970, 279, 336, 628, 272, 780, 832, 985]
     imgs = paper.figures["fig9"]["images"]
     assert [im["rows"] for im in imgs] == [[0, 4], [4, 8], [8, 12]] and {im["of"] for im in imgs} == {12}
     assert len({im["file"] for im in imgs}) == 1  # one sampling job, three figures

@@ -22,6 +22,7 @@ from iar2.registry.guidance import GuidanceId
 from iar2.registry.index import RegistryIndex, RunEntry, write_index
 from iar2.registry.outputs import write_loss_curves, write_summary
 from iar2.registry.plan import Plan, Run, SampleSet
+from iar2.scale import Scale, load_scale
 
 __all__ = ["GuidanceId", "Plan", "RegistryIndex", "Run", "RunEntry", "SampleSet", "expand", "load_plan",
            "load_yaml", "sweep_variables", "write_index", "write_loss_curves", "write_summary"]
@@ -31,10 +32,10 @@ def load_yaml(path: str | Path) -> dict:
     return yaml.safe_load(Path(path).read_text()) or {}
 
 
-def load_plan(repo: str | Path, scale_cfg: dict) -> Plan:
+def load_plan(repo: str | Path, scale_cfg: dict | Scale) -> Plan:
     """The plan of one scale: params/experiments.yaml deep-merged with the scale's `experiments:` overlay."""
-    x = load_yaml(Path(repo) / "params" / "experiments.yaml")
-    x = deep_merge(x, scale_cfg.get("experiments", {}) or {})
-    plan = Plan(x, scale_cfg)
+    scale = load_scale(scale_cfg)
+    x = deep_merge(load_yaml(Path(repo) / "params" / "experiments.yaml"), scale.experiments)
+    plan = Plan(x, scale)
     plan.validate()
     return plan

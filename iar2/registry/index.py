@@ -105,11 +105,10 @@ def build_index(plan: Plan, git_commit: str = "unknown") -> RegistryIndex:
         runs[layout.sample_dir(sid)] = RunEntry("samples", layout.sample_dir(sid),
                                                 layout.job_config("sampling", str(ss.guidance)), sorted(ss.tables))
     s = plan.s
-    protocol = {**s.get("protocol", {}), "image_sizes": {str(k): v for k, v in s["grids"].items()},
-                "extractor": s.get("gen_metrics", {}).get("extractor", "inception"),
-                "samples_per_set": plan.configs.samples_per_set(),
-                "recon_images": s.get("recon_eval", {}).get("max_images")}
-    return RegistryIndex(scale=s.get("scale"), results=plan.results, git_commit=git_commit, protocol=protocol,
+    protocol = {**s.protocol.as_dict(), "image_sizes": {str(k): v for k, v in s.grids.items()},
+                "extractor": s.gen_metrics.extractor, "samples_per_set": plan.configs.samples_per_set(),
+                "recon_images": s.recon_eval.max_images}
+    return RegistryIndex(scale=s.scale, results=plan.results, git_commit=git_commit, protocol=protocol,
                          runs=runs, tables={**plan.tables, **_settings_configs(plan)}, figures=plan.figures)
 
 

@@ -23,7 +23,7 @@ from iar2.registry.expand import FIGURE_SWEEPS, check_restrict, expand
 from iar2.registry.guidance import GuidanceId
 from iar2.registry.index import build_index, tok_run_id
 from iar2.registry.resolve import Configs
-from iar2.scale_schema import check_scale
+from iar2.scale import Scale, load_scale
 
 METRIC_FIELDS = {"fid": "fid", "gfid": "fid", "is": "isc_mean", "precision": "precision", "recall": "recall"}
 RECON_FIELDS = {"rfid": "rfid", "psnr": "psnr", "ssim": "ssim"}
@@ -58,20 +58,19 @@ class SampleSet:
 
 
 class Plan:
-    def __init__(self, experiments: dict, scale: dict):
+    def __init__(self, experiments: dict, scale: dict | Scale):
         self.x = copy.deepcopy(experiments)
-        self.s = scale
-        self.restrict = scale.get("restrict", {}) or {}
-        check_scale(self.s)
+        self.s = load_scale(scale)  # the schema's checks, then typed (iar2/scale.py)
+        self.restrict = self.s.restrict
         check_restrict(self.restrict, self.x)
-        self.results = scale["results"]
+        self.results = self.s.results
         self.families = self.x["families"]
         self.tokenizers: dict[str, dict] = {}
         for name, entry in self.x["tokenizers"].items():
             for env, spec in expand({**entry, "_id": name}, {}, self.families, f"tokenizers.{name}"):
                 tid = spec.pop("_id")
                 self.tokenizers[tid] = spec
-        self.configs = Configs(scale, self.tokenizers, self.families)
+        self.configs = Configs(self.s, self.tokenizers, self.families)
         self.rearranged = [layout.rearranged(t) for t in self.x.get("rearranged", [])]
         for t in self.x.get("rearranged", []):
             if t not in self.tokenizers:
@@ -297,8 +296,7 @@ class Plan:
             label = f"{self.families[self.runs[ss.run].family]['label']}-{self.runs[ss.run].size}, {ss.guidance}"
             out["images"] = [{"label": label, "file": layout.sample_grid(ss.id), "run": layout.sample_dir(ss.id)}]
             if f.get("panels"):  # Figures 9-11: one panel per figure, rows of the sheet (iar2/grid_panels.py)
-                grid = self.s["sampling"].get("grid") or {}
-                classes = grid.get("classes") or list(range(int(self.s["ar"]["base"]["model"]["num_classes"])))
+                classes = self.s.sampling.grid.get("classes") or list(range(int(self.s.ar.base["model"]["num_classes"])))
                 out["images"] = grid_panels(f["panels"], [int(c) for c in classes], label, out["images"][0]["file"],
                                             out["images"][0]["run"])
         else:

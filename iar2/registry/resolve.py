@@ -7,26 +7,27 @@ import copy
 from iar2 import layout
 from iar2.config import ConfigError, deep_merge, from_dict, to_dict
 from iar2.registry.guidance import GuidanceId
+from iar2.scale import Scale
 
 class Configs:
     """Resolved configs of one scale. `tokenizers` are the registry's tokenizer specs, `families` its model
     families; runs come in as iar2.registry.plan.Run."""
 
-    def __init__(self, scale: dict, tokenizers: dict[str, dict], families: dict[str, dict]):
+    def __init__(self, scale: Scale, tokenizers: dict[str, dict], families: dict[str, dict]):
         self.s = scale
-        self.results = scale["results"]
+        self.results = scale.results
         self.tokenizers = tokenizers
         self.families = families
 
     # -- the paper's sizes at this scale
     def codebook(self, n: int) -> int:
-        cb = self.s["codebooks"]
+        cb = self.s.codebooks
         if n not in cb:
             raise ConfigError(f"codebooks: no entry for the paper's size {n}; add `{n}: <size at this scale>`")
         return int(cb[n])
 
     def image_size(self, grid: int) -> int:
-        g = self.s["grids"]
+        g = self.s.grids
         if grid not in g:
             raise ConfigError(f"grids: no image size for the paper's {grid}x{grid} grid; allowed values: "
                               + ", ".join(map(str, g)))
@@ -41,19 +42,19 @@ class Configs:
 
     def tokenizer_config(self, tok: str, stage: str) -> dict:
         spec = self.tokenizers[tok]
-        tb = self.s["tokenizer"]
+        tb = self.s.tokenizer
         model = dict(spec["model"])
         for k in ("codebook_size", "semantic_size", "detail_size"):
             if k in model:
                 model[k] = self.codebook(int(model[k]))
-        raw = deep_merge(tb["base"], {"model": model})
+        raw = deep_merge(tb.base, {"model": model})
         raw = deep_merge(raw, {"name": f"{tok}-{stage}" if stage != "single" else tok,
-                               "data": {"root": self.s["data"]["root"],
+                               "data": {"root": self.s.data.root,
                                         "check_report": f"{self.results}/{layout.data_check()}"},
                                "loss": {"domain_net": f"{self.results}/{layout.refnet()}"},
                                "train": {"stage": stage}})
         if stage == "stage1":
-            raw = deep_merge(raw, tb.get("stage1", {}))
+            raw = deep_merge(raw, tb.stage1)
         if stage == "stage2":
             raw = deep_merge(raw, {"train": {"init_from": f"{self.results}/{layout.stage1_vq(tok)}"}})
         if raw["loss"].get("perceptual") != "domain":
@@ -79,22 +80,21 @@ class Configs:
         m = self.final_model(r.tokenizer)
         vocab = ({"vocab_size": m["codebook_size"]} if m["quantizer"] == "single"
                  else {"semantic_size": m["semantic_size"], "detail_size": m["detail_size"]})
-        ar = self.s["ar"]
-        sizes = ar.get("sizes", {})
-        raw = deep_merge(ar["base"], {"model": {"grid": self.token_grid(r.tokenizer, r.grid), **vocab}})
+        ar = self.s.ar
+        raw = deep_merge(ar.base, {"model": {"grid": self.token_grid(r.tokenizer, r.grid), **vocab}})
         raw = deep_merge(raw, {"model": self.families[r.family].get("model", {})})
         if r.tokenizer.endswith(layout.REARRANGED):
-            raw = deep_merge(raw, {"model": {"cluster_size": m["codebook_size"] // int(self.s["rearrange"]["clusters"])}})
+            raw = deep_merge(raw, {"model": {"cluster_size": m["codebook_size"] // self.s.rearrange.clusters}})
         sw = self.families[r.family].get("semantic_weight")
         if sw:
             raw = deep_merge(raw, {"model": {"semantic_weight": sw.get(f"{r.size}-{r.grid}", sw.get(r.size, 1.0))}})
-        raw = deep_merge(raw, sizes.get(r.size, {}))
-        raw = deep_merge(raw, sizes.get(f"{r.size}-{r.grid}", {}))
+        raw = deep_merge(raw, ar.sizes.get(r.size, {}))
+        raw = deep_merge(raw, ar.sizes.get(f"{r.size}-{r.grid}", {}))
         raw = deep_merge(raw, {"model": r.model})
         train = {"tokens": f"{self.results}/{layout.tokens_dir(r.tokenizer, r.grid)}",
                  "epochs": float(max(r.epochs)) if r.epochs else float(raw.get("train", {}).get("epochs", 1)),
                  "ckpt_epochs": sorted(r.epochs)}
-        es = epoch_steps if epoch_steps is not None else ar.get("epoch_steps")
+        es = epoch_steps if epoch_steps is not None else ar.epoch_steps
         if es is not None:
             train["epoch_steps"] = float(es)
         raw = deep_merge(raw, {"name": r.id, "train": train})
@@ -112,31 +112,21 @@ class Configs:
         from iar2.sample import SampleRunConfig  # imports torch, like the trainer
 
         g = GuidanceId.parse(gid)
-        sb = self.s["sampling"]
-        raw = deep_merge(sb["base"], {"sampling": {"guidance": g.config()}})
+        sb = self.s.sampling
+        raw = deep_merge(sb.base, {"sampling": {"guidance": g.config()}})
         if g.reject:
-            raw = deep_merge(raw, sb.get("reject", {}))
+            raw = deep_merge(raw, sb.reject)
             if raw.get("reject", {}).get("classifier", "domain") == "domain":
                 raw = deep_merge(raw, {"reject": {"domain_net": f"{self.results}/{layout.refnet()}"}})
         if g.grid:
-            raw = deep_merge(raw, sb.get("grid", {}))
+            raw = deep_merge(raw, sb.grid)
         return to_dict(from_dict(SampleRunConfig, raw, "sampling"))
 
     def samples_per_set(self) -> int:
-        b = self.s["sampling"]["base"]
-        return int(b.get("per_class", 50)) * int(b.get("num_classes") or self.s["ar"]["base"]["model"].get("num_classes", 1000))
+        b = self.s.sampling.base
+        return int(b.get("per_class", 50)) * int(b.get("num_classes") or self.s.ar.base["model"].get("num_classes", 1000))
 
     # -- SLURM
     def resources(self, rule: str, r=None) -> dict:
-        """The scale's SLURM resources of one job: `default`, then the rule's, then (ar_train) by size, size-grid."""
-        table = self.s.get("resources", {}) or {}
-        spec = table.get(rule, {}) or {}
-        out = dict(table.get("default", {}) or {})
-        if rule == "ar_train":
-            out.update(spec.get("default", {}) or {})
-            if r is not None:
-                out.update(spec.get(r.size, {}) or {})
-                out.update(spec.get(f"{r.size}-{r.grid}", {}) or {})
-        else:
-            out.update(spec)
-        return out
+        """The scale's SLURM resources of one job (of the AR run `r` for ar_train)."""
+        return self.s.resources.of(rule, r.size, r.grid) if r is not None else self.s.resources.of(rule)

@@ -12,7 +12,7 @@ rule tokenize:
     output:
         f"{R}/{layout.tokens_meta('{tok}', '{grid}')}",
     params:
-        aug=config.get("tokenize", {}).get("aug", "flip"),
+        aug=SCALE_CFG.tokenize.aug,
         size=lambda w: PLAN.image_size(int(w.grid)),
         out=lambda w: f"{R}/{layout.tokens_dir(w.tok, w.grid)}",
     resources:
@@ -58,8 +58,8 @@ rule code_distance:
     output:
         f"{R}/{layout.code_distance('{tok}')}",
     params:
-        n=config.get("code_distance", {}).get("num_images", 32),
-        perceptual=config["recon_eval"].get("perceptual", "domain"),
+        n=SCALE_CFG.code_distance.num_images,
+        perceptual=SCALE_CFG.recon_eval.perceptual,
     resources:
         **res("code_distance"),
     conda:

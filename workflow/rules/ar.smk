@@ -100,8 +100,8 @@ rule gen_metrics:
         f"{R}/{layout.gen_metrics(SAMPLE)}",
     params:
         m=config["gen_metrics"],
-        ref=opt("--ref-npz", config["gen_metrics"].get("ref_npz")),
-        boot=lambda w: config["gen_metrics"].get("bootstrap", 200),  # replicates for the claims' intervals
+        ref=opt("--ref-npz", SCALE_CFG.gen_metrics.ref_npz),
+        boot=SCALE_CFG.gen_metrics.bootstrap,  # replicates for the claims' intervals
         cache=f"{R}/{layout.REFERENCE_CACHE}",
         env=lambda w: tag("gen_metrics", layout.sample_dir(sample_of(w)),
                           ",".join(sorted(PLAN.samples[sample_of(w)].tables))),

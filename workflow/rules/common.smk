@@ -1,5 +1,6 @@
 # Configuration: the scale file (params/<scale>.yaml) over the experiment registry (params/experiments.yaml),
-# resolved into the plan of jobs and validated before any job is scheduled (iar2/registry.py).
+# resolved into the plan of jobs and validated before any job is scheduled (iar2/registry/). Result paths come
+# from iar2/layout.py.
 import json
 import os
 import re
@@ -38,6 +39,7 @@ except WorkflowError:
     check_scale(config)  # the same schema: raises ConfigError, one line per problem
     raise
 PLAN = load_plan(workflow.basedir, config)  # raises ConfigError naming the key and the allowed values
+SCALE_CFG = PLAN.s  # the same config typed, with the defaults of optional keys (iar2/scale.py)
 # (Snakemake exports OMP_NUM_THREADS = the rule's threads, so two 1-thread torch jobs share two cores
 # without spinning against each other.)
 R = config["results"]
@@ -70,7 +72,7 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(R).resolve()}/{la
 os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", f"iar2-{SCALE}")
 # tracking.mode spool (ci, default): jobs write their runs as records; one `iar2 track sync` logs them all when
 # the workflow ends (iar2/tracking.py says why). live (paper): jobs log to the store themselves.
-TRACKING = (config.get("tracking") or {}).get("mode", "live")
+TRACKING = SCALE_CFG.tracking.mode
 SPOOL = f"{Path(R).resolve()}/{layout.MLFLOW_SPOOL}"
 if TRACKING == "spool":
     os.environ.setdefault("IAR2_MLFLOW_SPOOL", SPOOL)
@@ -105,9 +107,6 @@ def opt(flag, value):
 
 
 # ----------------------------------------------------------------------------- resources (SLURM)
-
-RESOURCES = config.get("resources", {}) or {}
-
 
 def resources_of(rule_name, run=None):
     return PLAN.resources(rule_name, run)

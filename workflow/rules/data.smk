@@ -61,7 +61,7 @@ rule refnet:
         r=config["refnet"],
     # Nothing else can run while it trains (every tokenizer's perceptual loss needs it): a scale may give it
     # more threads (refnet.threads; Snakemake caps them at --cores).
-    threads: config["refnet"].get("threads", 1)
+    threads: SCALE_CFG.refnet.threads
     resources:
         **res("refnet"),
     conda:
