@@ -8,6 +8,7 @@ from iar2 import layout
 from iar2.config import ConfigError, deep_merge, from_dict, to_dict
 from iar2.registry.guidance import GuidanceId
 from iar2.scale import Scale
+from iar2.tokenizer.config import TokenizerRunConfig
 
 class Configs:
     """Resolved configs of one scale. `tokenizers` are the registry's tokenizer specs, `families` its model
@@ -59,8 +60,6 @@ class Configs:
             raw = deep_merge(raw, {"train": {"init_from": f"{self.results}/{layout.stage1_vq(tok)}"}})
         if raw["loss"].get("perceptual") != "domain":
             raw["loss"].pop("domain_net")
-        from iar2.tokenizer.config import TokenizerRunConfig
-
         return to_dict(from_dict(TokenizerRunConfig, raw, "tokenizer"))  # errors: tokenizer.model: ...
 
     def final_model(self, tok: str) -> dict:
