@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from iar2.checkpoint import check_finite, load_meta, load_weights, save_weights
-from iar2.training import NonFiniteGuard, grad_norm
 from iar2.config import from_dict, to_dict
+from iar2.distributed import DistInfo
+from iar2.training import Job, Loop, NonFiniteGuard, grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,39 @@ def evaluate_accuracy(net: RefNet, dataset, batch_size: int = 256, num_workers: 
     return correct / max(total, 1)
 
 
+class RefNetSteps(Job):
+    """One training step of the reference network for the shared loop (iar2/training.py): cross-entropy with label
+    smoothing, AdamW, the LR schedule stepped every step. It trains in one go, without checkpoints."""
+
+    progress_keys = ("loss", "train_acc")
+
+    def __init__(self, net: RefNet, opt: torch.optim.Optimizer, sched, label_smoothing: float):
+        self.net, self.opt, self.sched, self.label_smoothing = net, opt, sched, label_smoothing
+        # nothing to resume from: a non-finite step stops the run, naming the step
+        self.guard = NonFiniteGuard(0, what="refnet train")
+        self.guard.last_checkpoint = "none (the reference network trains in one go; rerun the job)"
+        self.loss, self.correct, self.seen = math.nan, 0, 0
+
+    def train_step(self, step: int, micro: list) -> None:
+        (x, y), = micro
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.guard.allow(step + 1, float(loss.detach()), "loss") and \
+                self.guard.allow(step + 1, grad_norm(self.net.parameters())):
+            self.opt.step()
+        self.sched.step()
+        self.loss = loss.item()
+        self.correct += (logits.argmax(1) == y).sum().item()
+        self.seen += y.numel()
+
+    def pop_metrics(self, step: int, steps_per_s: float) -> dict[str, float]:
+        out = {"loss": self.loss, "train_acc": self.correct / self.seen}
+        self.correct = self.seen = 0
+        return out
+
+
 def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed: int = 0,
                  batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 0.05,
                  input_size: int = 64, widths: tuple[int, ...] = (16, 32, 64, 128), blocks: int = 1,
@@ -194,26 +227,8 @@ def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed
     log.info("training RefNet %s on %s: %d steps, batch %d, %d params", cfg, data_root, steps, batch_size,
              sum(p.numel() for p in net.parameters()))
     net.train()
-    # the reference network trains in one go (no checkpoints): a non-finite step stops it, naming the step
-    guard = NonFiniteGuard(0, what="refnet train")
-    guard.last_checkpoint = "none (the reference network trains in one go; rerun the job)"
-    t0, it = time.time(), batches()
-    correct = seen = 0
-    bar = tqdm(range(steps), desc="refnet", unit="step")
-    for step in bar:
-        x, y = next(it)
-        logits = net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if guard.allow(step + 1, float(loss.detach()), "loss") and guard.allow(step + 1, grad_norm(net.parameters())):
-            opt.step()
-        sched.step()
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += y.numel()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{correct / seen:.3f}")
-            correct = seen = 0
+    t0 = time.time()
+    Loop(RefNetSteps(net, opt, sched, label_smoothing), DistInfo(), desc="refnet", log_every=50).run(batches(), steps)
     train_time = time.time() - t0
     val_acc = evaluate_accuracy(net, val_ds)
     meta = {"model_config": to_dict(cfg), "classes": train_ds.classes, "val_accuracy": val_acc,

@@ -490,7 +490,7 @@ class Plan:
         return self.image_size(grid) // 2 ** (len(m["ch_mult"]) - 1)
 
     def ar_config(self, rid: str, epoch_steps: float | None = None, _for_key: bool = False) -> dict:
-        from iar2.ar.train import ARRunConfig
+        from iar2.ar.config import ARRunConfig
 
         r = self.runs[rid]
         base_tok = self.base_tokenizer(r.tokenizer)
@@ -526,7 +526,7 @@ class Plan:
         return cfg
 
     def sample_config(self, gid: str) -> dict:
-        from iar2.sample import SampleRunConfig
+        from iar2.sample_config import SampleRunConfig
 
         p = parse_guidance(gid)
         sb = self.s["sampling"]
