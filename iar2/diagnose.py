@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from iar2.io import atomic_write_json, read_json
+from iar2.tokenizer.usage import usage_stats
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,8 @@ FLAT_STD = 10.0
 
 # ----------------------------------------------------------------------------- histogram statistics
 
-def histogram_stats(counts, prefix: str = "") -> dict[str, float]:
-    """Used fraction, codes used, entropy (nats) and perplexity exp(H) of a code histogram."""
-    c = np.asarray(counts, dtype=np.float64)
-    p = c[c > 0] / max(c.sum(), 1.0)
-    h = float(-(p * np.log(p)).sum())
-    return {f"{prefix}usage": float((c > 0).mean()), f"{prefix}codes_used": int((c > 0).sum()),
-            f"{prefix}entropy": h, f"{prefix}perplexity": float(np.exp(h))}
-
-
 def entropy_of(x: np.ndarray, size: int) -> float:
-    return histogram_stats(np.bincount(np.asarray(x, dtype=np.int64).ravel(), minlength=size))["entropy"]
+    return usage_stats(np.bincount(np.asarray(x, dtype=np.int64).ravel(), minlength=size))["entropy"]
 
 
 def conditional_entropy(x: np.ndarray, y: np.ndarray, nx: int, ny: int) -> float:
@@ -105,7 +97,7 @@ def tokenizer_report(vq_path, data_root, split: str = "val", domain_net=None, re
     out: dict = {"vq": str(vq_path), "quantizer": vq.cfg.quantizer, "split": split, "num_images": len(idx),
                  "extractor": extractor, "levels": {}}
     for lvl, (name, v) in enumerate(zip(names, vocabs)):
-        out["levels"][name] = {"size": v, **histogram_stats(np.bincount(codes[:, lvl].ravel(), minlength=v))}
+        out["levels"][name] = {"size": v, **usage_stats(np.bincount(codes[:, lvl].ravel(), minlength=v))}
     if len(names) == 2:
         out["levels"]["detail"]["entropy_given_semantic"] = conditional_entropy(codes[:, 1], codes[:, 0], *vocabs[::-1])
     for d in decodes:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from iar2.config import config_hash, to_dict
 from iar2.io import atomic_write_json
 from iar2.metrics import SSIM_LLAMAGEN, FeatureCollector, psnr, resolve_extractor, ssim, to_uint8
+from iar2.tokenizer.usage import code_histogram, usage_stats
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,6 @@ def spread_indices(n: int, k: int | None) -> list[int]:
     if k is None or k >= n:
         return list(range(n))
     return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64)).tolist()
-
-
-def usage_stats(counts: torch.Tensor, prefix: str) -> dict[str, float]:
-    """Used fraction and perplexity exp(H) of a code histogram."""
-    p = counts.double() / counts.sum().clamp_min(1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {f"{prefix}_usage": float((counts > 0).double().mean()), f"{prefix}_perplexity": float(entropy.exp()),
-            f"{prefix}_codes_used": int((counts > 0).sum())}
 
 
 @torch.no_grad()
@@ -99,7 +92,7 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
             per_image["lpips"].append(d.detach().double().reshape(-1).cpu())
         ind = q.indices if q.indices.dim() == 4 else q.indices[:, None]
         for lvl, c in enumerate(counts):
-            c += torch.bincount(ind[:, lvl].reshape(-1), minlength=c.numel())
+            c += code_histogram(ind[:, lvl], c.numel())
         bar.update(x.shape[0])
     bar.close()
     seconds = time.perf_counter() - t0
@@ -118,7 +111,9 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
     if perc is None:
         metrics["lpips"] = None
     for name, c in zip(names, counts):
-        metrics.update(usage_stats(c.cpu(), "codebook" if name == "single" else name))
+        u = usage_stats(c)
+        prefix = "codebook" if name == "single" else name
+        metrics.update({f"{prefix}_{k}": u[k] for k in ("usage", "perplexity", "codes_used")})
     log.info("rFID %.3f  PSNR %.2f  SSIM %.4f  LPIPS %s  (%d images, %.1f img/s)", metrics["rfid"], metrics["psnr"],
              metrics["ssim"], "n/a" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}", n, n / seconds)
     return {

@@ -51,6 +51,7 @@ from iar2.training import NonFiniteError, NonFiniteGuard, grad_norm
 from iar2.tracking import MetricsLogger
 from iar2.tokenizer.config import TokenizerRunConfig
 from iar2.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from iar2.tokenizer.usage import usage_stats
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +147,8 @@ class CodebookStats:
             total = int(c.sum())
             if total == 0:
                 continue
-            p = c.double() / total
-            entropy = -(p[p > 0] * p[p > 0].log()).sum()
-            out[f"usage_{name}"] = float((c > 0).double().mean())
-            out[f"perplexity_{name}"] = float(entropy.exp())
+            u = usage_stats(c)
+            out[f"usage_{name}"], out[f"perplexity_{name}"] = u["usage"], u["perplexity"]
             self.counts[name].zero_()
         return out
 
