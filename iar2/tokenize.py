@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from iar2.config import config_hash, to_dict
+from iar2.data.transforms import EpochSeeded, center_crop_arr
 from iar2.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ class CenterCropUInt8:
         self.size = size
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        from iar2.data.transforms import center_crop_arr
-
         return torch.from_numpy(np.array(center_crop_arr(img, self.size))).permute(2, 0, 1)  # own, writable copy
 
     def __repr__(self) -> str:
@@ -284,7 +283,7 @@ def _encode_rows(model, ds, aug, image_size, codes, labels, start, chunk, batch_
 
 # ----------------------------------------------------------------------------- reader
 
-class TokenDataset(torch.utils.data.Dataset):
+class TokenDataset(EpochSeeded, torch.utils.data.Dataset):
     """Codes written by `iar2 tokenize`, memory-mapped: item i -> (codes (levels, h*w) long, label int).
 
     The augmentation of each item is drawn at random: by `get(i, generator)` from a given generator, or by
@@ -319,13 +318,6 @@ class TokenDataset(torch.utils.data.Dataset):
     @property
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def generator(self, index: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def __len__(self) -> int:
         return self.codes.shape[0]

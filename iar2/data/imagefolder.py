@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from iar2.data.transforms import EpochSeeded
 from iar2.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def check_report(root: str | Path, splits: tuple[str, ...] = ("train", "val"), w
 
 # ----------------------------------------------------------------------------- dataset
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class ImageFolderDataset(EpochSeeded, torch.utils.data.Dataset):
     """Images of `root/split` as (transform(image), label); bad images excluded.
 
     transform: called as `transform(pil_rgb_image)`, or `transform(image, generator)` when it has
@@ -285,14 +285,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f"the check report does not describe {self.root}/{self.split} as it is now "
                                f"(files or classes changed); rerun `iar2 data check --root {self.root}`")
         return {b["path"]: b["reason"] for b in report["bad"] if b["split"] == self.split}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def generator(self, index: int) -> torch.Generator:
-        """The per-sample generator: a function of (seed, epoch, index) only."""
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def path(self, index: int) -> Path:
         return self.root / self.split / self.samples[index][0]
