@@ -180,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
     from iar2.data.imagefolder import ImageFolderDataset
     from iar2.data.transforms import eval_transform
     from iar2.perceptual import build_perceptual
-    from iar2.tokenize import default_image_size, pick_device
+    from iar2.distributed import pick_device
     from iar2.tokenizer.evaluate import spread_indices
-    from iar2.tokenizer.vq_model import load_vq
+    from iar2.tokenizer.vq_model import default_image_size, load_vq
 
     if args.perceptual == "domain" and not args.domain_net:
         raise ConfigError("--domain-net: required with --perceptual domain (a checkpoint from `iar2 refnet train`)")

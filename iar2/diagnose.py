@@ -66,9 +66,9 @@ def tokenizer_report(vq_path, data_root, split: str = "val", domain_net=None, re
     from iar2.data.imagefolder import ImageFolderDataset
     from iar2.data.transforms import eval_transform
     from iar2.metrics import FeatureCollector, psnr, resolve_extractor, to_uint8
-    from iar2.tokenize import default_image_size, level_names, pick_device, vocab_sizes
+    from iar2.distributed import pick_device
     from iar2.tokenizer.evaluate import spread_indices
-    from iar2.tokenizer.vq_model import load_vq
+    from iar2.tokenizer.vq_model import default_image_size, load_vq
 
     dev = pick_device(device)
     vq = load_vq(vq_path, dev)
@@ -76,7 +76,7 @@ def tokenizer_report(vq_path, data_root, split: str = "val", domain_net=None, re
     ds = ImageFolderDataset(data_root, split, eval_transform(size), report=report, verify=report is None)
     idx = spread_indices(len(ds), max_images)
     col = FeatureCollector(resolve_extractor(extractor, domain_net=domain_net), device=dev)
-    names, vocabs = level_names(vq), vocab_sizes(vq)
+    names, vocabs = vq.level_names(), vq.vocab_sizes()
     decodes = ["full", "semantic"] if vq.cfg.quantizer == "semantic_detail" else ["full"]
     psnrs = {d: [] for d in decodes}
     stds = {d: [] for d in ["original", *decodes]}

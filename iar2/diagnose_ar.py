@@ -240,7 +240,7 @@ def _sample_metrics(images, labels, tokens, train_codes, vocabs, names, grid, ar
 
 def run(args: argparse.Namespace) -> dict:
     from iar2.ar.train import load_ar
-    from iar2.tokenize import pick_device
+    from iar2.distributed import pick_device
     from iar2.tokenizer.vq_model import load_vq
 
     dev = pick_device(args.device)

@@ -59,6 +59,14 @@ class DistInfo:
         return self.world_size > 1
 
 
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (or None) -> the GPU when CUDA is available, else the CPU; anything else as torch names it ('cuda:1').
+    For one-process jobs (tokenize, evaluation); trainers place each rank with `resolve_device`."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def resolve_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' -> this process's GPU when CUDA is available, else the CPU."""
     if pref == "cpu":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from iar2.distributed import pick_device
 from iar2.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -143,10 +144,8 @@ def evaluate_samples(samples, data_root, split="train", extractor="domain", doma
     if bootstrap:  # replicates for the claims' intervals (iar2.bootstrap): same features, resampled rows
         from iar2.bootstrap import replicates
 
-        from iar2.metrics import _device
-
         res["bootstrap"] = replicates(g[ext.layer_fid], ref, g[ext.layer_isc], splits, g[ext.layer_prc], ref,
-                                      bootstrap, bootstrap_seed, device=_device(device))
+                                      bootstrap, bootstrap_seed, device=pick_device(device))
     res["num_classes_sampled"] = int(len(np.unique(labels)))
     res["image_size"] = int(size)
     return res

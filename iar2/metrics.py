@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from iar2.checkpoint import safe_torch_load
+from iar2.distributed import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -272,19 +273,13 @@ def resolve_extractor(kind: str, weights_dir: str | Path | None = None,
     raise ValueError(f"extractor {kind!r}: allowed values: 'inception', 'domain'")
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def extract_features(dataset: Dataset, extractor: Extractor, layers: tuple[str, ...] | None = None,
                      batch_size: int = 64, device=None, verbose: bool = False) -> dict[str, torch.Tensor]:
     """Features {layer: (N, D) float32} of a uint8 image dataset (e.g. to compare against reference stats)."""
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     layers = tuple(layers or (extractor.layer_fid,))
-    cuda = _device(device).type == "cuda"
+    cuda = pick_device(device).type == "cuda"
     fe = create_feature_extractor(extractor.name, list(layers), cuda=cuda, verbose=verbose,
                                   feature_extractor_weights_path=extractor.weights_path)
     return get_featuresdict_from_dataset(dataset, fe, batch_size, cuda, save_cpu_ram=True, verbose=verbose)
@@ -302,7 +297,7 @@ class FeatureCollector:
 
         self.extractor = extractor
         self.layers = tuple(layers or (extractor.layer_fid,))
-        self.device = _device(device)
+        self.device = pick_device(device)
         self.model = create_feature_extractor(extractor.name, list(self.layers), cuda=self.device.type == "cuda",
                                               verbose=False, feature_extractor_weights_path=extractor.weights_path)
         self._feats: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -345,7 +340,7 @@ def compute_fidelity(generated: Dataset, reference: Dataset, extractor: Extracto
 
     n_gen, n_ref = len(generated), len(reference)
     isc_splits = max(1, round(n_gen / ISC_SPLIT_SIZE))
-    cuda = _device(device).type == "cuda"
+    cuda = pick_device(device).type == "cuda"
     log.info("torch-fidelity: %s (%d) vs %s (%d), extractor %s, fid=%s isc=%s prc=%s", generated_name, n_gen,
              reference_name, n_ref, extractor.name, fid, isc, prc)
     raw = torch_fidelity.calculate_metrics(

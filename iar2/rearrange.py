@@ -462,7 +462,7 @@ def run(args) -> int:
     summary.update(level=level, vq=str(args.vq), codebook_size=n_codes)
     save_mapping(out / "mapping.safetensors", mapping, summary)
     save_mapping_iar(out / "mapping.pt", mapping)
-    from iar2.tokenize import vq_meta
+    from iar2.tokenizer.vq_model import vq_meta
 
     write_rearranged_vq(model, out / "vq.safetensors", level, mapping,
                         {"source": str(args.vq), "n_clusters": summary["n_clusters"], "seed": args.seed},

@@ -43,8 +43,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from iar2.config import config_hash, to_dict
+from iar2.data.imagefolder import ImageFolderDataset, data_digest, listing_fingerprint
 from iar2.data.transforms import EpochSeeded, center_crop_arr
+from iar2.distributed import pick_device
+from iar2.fingerprint import FORMAT
 from iar2.io import atomic_write_json, read_json
+from iar2.tokenizer.vq_model import default_image_size, load_vq
 
 log = logging.getLogger(__name__)
 
@@ -116,40 +120,6 @@ def vq_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def vq_meta(path: str | Path) -> dict:
-    """The JSON that accompanies a VQ weights file or checkpoint folder ({} if none)."""
-    p = Path(path)
-    j = p / "meta.json" if p.is_dir() else p.with_suffix(".json")
-    return read_json(j) if j.is_file() else {}
-
-
-def default_image_size(path: str | Path) -> int | None:
-    """The image size a VQ was trained at, if its metadata says so."""
-    m = vq_meta(path)
-    if isinstance(m.get("image_size"), int):
-        return m["image_size"]
-    for key in ("config", "train_config"):  # a checkpoint folder's meta / an exported vq.json
-        data = (m.get(key) or {}).get("data") or {}
-        if data.get("image_size"):
-            return data["image_size"]
-    return None
-
-
-def vocab_sizes(model) -> list[int]:
-    c = model.cfg
-    return [c.codebook_size] if c.quantizer == "single" else [c.semantic_size, c.detail_size]
-
-
-def level_names(model) -> list[str]:
-    return ["single"] if model.cfg.quantizer == "single" else ["semantic", "detail"]
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # ----------------------------------------------------------------------------- tokenization
 
 def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: str | Path, aug: str = "flip",
@@ -158,10 +128,6 @@ def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: st
              max_images: int | None = None, max_chunks: int | None = None) -> dict | None:
     """Encode `data_root/split` into `out_dir` (module doc). Returns meta.json's content when complete, or
     None when stopped early by `max_chunks` (used to simulate a killed run)."""
-    from iar2.data.imagefolder import ImageFolderDataset, data_digest, listing_fingerprint
-    from iar2.fingerprint import FORMAT
-    from iar2.tokenizer.vq_model import load_vq
-
     if aug not in AUGMENTATIONS:
         raise ValueError(f"aug {aug!r}: allowed values: {', '.join(map(repr, AUGMENTATIONS))}")
     if crop_range < 1.0:
@@ -173,7 +139,7 @@ def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: st
     if not image_size:
         raise ValueError(f"{vq_path}: its metadata does not record the image size; pass --image-size")
     side = model.grid(image_size)
-    levels, vocabs = len(level_names(model)), vocab_sizes(model)
+    levels, vocabs = len(model.level_names()), model.vocab_sizes()
     dtype = np.uint16 if max(vocabs) <= 65536 else np.int32
     chunk = max(batch_size, (chunk_size // batch_size) * batch_size)  # whole batches per chunk
 
@@ -241,7 +207,7 @@ def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: st
         "shape": list(shape), "dtype": np.dtype(dtype).name,
         "num_images": n, "num_augmentations": num_aug, "augmentations": list(AUGMENTATIONS[aug]),
         "aug": aug, "crop_range": signature["crop_range"], "image_size": image_size,
-        "grid": [side, side], "levels": level_names(model), "vocab_sizes": vocabs,
+        "grid": [side, side], "levels": model.level_names(), "vocab_sizes": vocabs,
         "vq": str(vq_path), "vq_fingerprint": signature["vq_fingerprint"],
         "vq_config": to_dict(model.cfg), "vq_config_hash": config_hash(model.cfg),
         "data_root": str(data_root), "split": split, "classes": ds.classes, "num_classes": len(ds.classes),

@@ -24,9 +24,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from iar2.config import config_hash, to_dict
+from iar2.data.imagefolder import ImageFolderDataset
+from iar2.data.transforms import eval_transform
+from iar2.distributed import pick_device
 from iar2.io import atomic_write_json
 from iar2.metrics import SSIM_LLAMAGEN, FeatureCollector, psnr, resolve_extractor, ssim, to_uint8
+from iar2.perceptual import build_perceptual
 from iar2.tokenizer.usage import code_histogram, usage_stats
+from iar2.tokenizer.vq_model import default_image_size, load_vq
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +52,6 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
                             num_workers: int = 0, bootstrap: int = 0) -> dict:
     """Reconstruct `data_root/split` with the VQ and return the metrics dict (module doc); bootstrap > 0 adds that
     many replicates of rFID / PSNR / SSIM / LPIPS over the images (iar2.bootstrap.recon_replicates)."""
-    from iar2.data.imagefolder import ImageFolderDataset
-    from iar2.data.transforms import eval_transform
-    from iar2.perceptual import build_perceptual
-    from iar2.tokenize import default_image_size, level_names, pick_device, vocab_sizes
-    from iar2.tokenizer.vq_model import load_vq
-
     # Resolve every weight file first: a missing one fails before any work is done.
     ext = resolve_extractor(extractor, weights_dir=weights_dir, domain_net=domain_net)
     if perceptual == "domain" and domain_net is None:
@@ -73,7 +72,7 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
                         pin_memory=dev.type == "cuda")
 
     collector = FeatureCollector(ext, device=dev)
-    names, vocabs = level_names(model), vocab_sizes(model)
+    names, vocabs = model.level_names(), model.vocab_sizes()
     counts = [torch.zeros(v, dtype=torch.long, device=dev) for v in vocabs]
     per_image = {"psnr": [], "ssim": [], "ssim_llamagen": [], "lpips": []}
     t0 = time.perf_counter()
