@@ -12,12 +12,17 @@ import argparse
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from iar2 import tracking
+from iar2.cli import add_config_arguments, load_run_config
+from iar2.config import to_dict
 from iar2.distributed import pick_device
 from iar2.io import atomic_write_json
 
@@ -151,45 +156,48 @@ def evaluate_samples(samples, data_root, split="train", extractor="domain", doma
     return res
 
 
+@dataclass
+class GenMetricsConfig:
+    """Settings of `iar2 metrics`: a --config file or the flags of the same names (iar2.cli.add_config_arguments)."""
+    split: str = field(default="train", metadata={"help": "reference split (train, as ADM/LlamaGen)"})
+    extractor: Literal["inception", "domain"] = field(default="inception", metadata={
+        "help": "Inception (needs its weights: `iar2 fetch-weights`) or the domain network (offline)"})
+    max_reference: int = field(default=50000, metadata={"min": 1, "help": "reference images at most (spread evenly)"})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    bootstrap: int = field(default=200, metadata={
+        "min": 0, "help": "bootstrap replicates of every metric for the claims' intervals (0: none)"})
+    bootstrap_seed: int = field(default=0, metadata={
+        "min": 0, "help": "seed of the resample indices; keep it equal across the jobs whose metrics are compared"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--samples", required=True, help="samples.npz from `iar2 sample` (arr_0: N x H x W x 3 uint8)")
     p.add_argument("--data", required=True, help="ImageFolder root of the reference images")
-    p.add_argument("--split", default="train", help="reference split (default: train, as ADM/LlamaGen)")
-    p.add_argument("--extractor", choices=["inception", "domain"], default="inception",
-                   help="Inception (needs its weights: `iar2 fetch-weights`) or the domain network (offline)")
     p.add_argument("--domain-net", help="reference network checkpoint (`iar2 refnet train`)")
     p.add_argument("--weights-dir", help="folder holding pretrained weight files (else the torch hub cache)")
-    p.add_argument("--max-reference", type=positive_int, default=50000,
-                   help="reference images at most (spread evenly)")
     p.add_argument("--ref-npz", help="ADM reference batch (.npz with mu, sigma) for the protocol FID")
     p.add_argument("--report", help="`iar2 data check` report: its bad images are excluded")
     p.add_argument("--cache-dir", help="folder caching reference features (computed once per reference set)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--bootstrap", type=nonneg_int, default=200,
-                   help="bootstrap replicates of every metric for the claims' intervals (0: none)")
-    p.add_argument("--bootstrap-seed", type=nonneg_int, default=0,
-                   help="seed of the resample indices; keep it equal across the jobs whose metrics are compared")
-    p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="metrics JSON")
+    add_config_arguments(p, GenMetricsConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from iar2 import tracking
-
-    with tracking.start_run(f"metrics {args.samples}", params={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                            tags={"job": "gen_metrics"}) as mlrun:
-        res = _run(args)
+    cfg = load_run_config(GenMetricsConfig, args)
+    params = {**{k: v for k, v in vars(args).items() if not k.startswith("_")}, **to_dict(cfg)}
+    with tracking.start_run(f"metrics {args.samples}", params=params, tags={"job": "gen_metrics"}) as mlrun:
+        res = _run(args, cfg)
         mlrun.log_metrics(0, {k: v for k, v in res.items() if k in ("fid", "isc_mean", "precision", "recall",
                                                                    "fid_ref_npz")})
         mlrun.log_artifact(args.out)
     return 0
 
 
-def _run(args: argparse.Namespace) -> dict:
-    res = evaluate_samples(args.samples, args.data, args.split, args.extractor, args.domain_net, args.weights_dir,
-                           args.max_reference, args.ref_npz, args.report, args.device, args.batch_size,
-                           args.cache_dir, getattr(args, "bootstrap", 0), getattr(args, "bootstrap_seed", 0))
+def _run(args: argparse.Namespace, cfg: GenMetricsConfig) -> dict:
+    res = evaluate_samples(args.samples, args.data, cfg.split, cfg.extractor, args.domain_net, args.weights_dir,
+                           cfg.max_reference, args.ref_npz, args.report, cfg.device, cfg.batch_size,
+                           args.cache_dir, cfg.bootstrap, cfg.bootstrap_seed)
     atomic_write_json(args.out, res)
     log.info("FID %.3f  IS %.2f  precision %.3f  recall %.3f (%s extractor) -> %s", res["fid"], res["isc_mean"],
              res["precision"], res["recall"], res["extractor"], args.out)

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from iar2.cli import add_config_arguments, load_run_config, positive_int
 from iar2.config import config_hash, to_dict
 from iar2.data.imagefolder import ImageFolderDataset, data_digest, listing_fingerprint
 from iar2.data.transforms import EpochSeeded, center_crop_arr
@@ -297,34 +299,43 @@ class TokenDataset(EpochSeeded, torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- CLI
 
+@dataclass
+class TokenizeConfig:
+    """Settings of `iar2 tokenize`: a --config file or the flags of the same names (iar2.cli.add_config_arguments)."""
+    split: str = field(default="train", metadata={"help": "split to encode"})
+    aug: str = field(default="flip", metadata={
+        "choices": tuple(AUGMENTATIONS),
+        "help": "none: centre crop; flip: + horizontal flip (2); tencrop: LlamaGen ten-crop (10)"})
+    crop_range: float = field(default=1.1, metadata={
+        "min": 1.0, "help": "tencrop: centre crop at image_size * crop_range before the ten-crop (LlamaGen 1.1 / 1.05)"})
+    image_size: int | None = field(default=None, metadata={
+        "min": 1, "help": "image size (default: the VQ's training size)"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "source images per encoder call"})
+    chunk_size: int = field(default=1024, metadata={
+        "min": 1, "help": "images per durable chunk (rounded to whole batches); a resumed run restarts at a chunk"})
+    max_images: int | None = field(default=None, metadata={
+        "min": 1, "help": "encode only the first N images (smoke tests)"})
+    num_workers: int = field(default=0, metadata={"min": 0, "help": "DataLoader workers decoding images"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import float_min, nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ tokenizer (.safetensors with its .json, or a checkpoint folder)")
     p.add_argument("--data", required=True, help="ImageFolder root holding <split>/<class>/<images>")
-    p.add_argument("--split", default="train", help="split to encode (default: train)")
     p.add_argument("--out", required=True, help="output folder (codes.npy, labels.npy, meta.json)")
-    p.add_argument("--aug", choices=list(AUGMENTATIONS), default="flip",
-                   help="none: centre crop; flip: + horizontal flip (2); tencrop: LlamaGen ten-crop (10)")
-    p.add_argument("--crop-range", type=float_min(1.0), default=1.1,
-                   help="tencrop: centre crop at image_size * crop_range before the ten-crop (LlamaGen 1.1 / 1.05)")
-    p.add_argument("--image-size", type=positive_int, default=None, help="image size (default: the VQ's training size)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="source images per encoder call")
-    p.add_argument("--chunk-size", type=positive_int, default=1024,
-                   help="images per durable chunk (rounded to whole batches); a resumed run restarts at a chunk")
-    p.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last chunk")
     p.add_argument("--report", default=None,
                    help="`iar2 data check` report: exclude its bad images without decoding everything first")
-    p.add_argument("--max-images", type=positive_int, default=None, help="encode only the first N images (smoke tests)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last chunk")
     p.add_argument("--max-chunks", type=positive_int, default=None, help="stop after N chunks (testing resumption)")
-    p.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader workers decoding images")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    add_config_arguments(p, TokenizeConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    meta = tokenize(args.vq, args.data, args.split, args.out, aug=args.aug, crop_range=args.crop_range,
-                    image_size=args.image_size, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                    resume=args.resume, device=args.device, num_workers=args.num_workers, report=args.report,
-                    max_images=args.max_images, max_chunks=args.max_chunks)
+    cfg = load_run_config(TokenizeConfig, args)
+    meta = tokenize(args.vq, args.data, cfg.split, args.out, aug=cfg.aug, crop_range=cfg.crop_range,
+                    image_size=cfg.image_size, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
+                    resume=args.resume, device=cfg.device, num_workers=cfg.num_workers, report=args.report,
+                    max_images=cfg.max_images, max_chunks=args.max_chunks)
     if meta is None:
         log.info("stopped early; rerun with --resume to finish")
     return 0

@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from iar2.cli import add_config_arguments, load_run_config
 from iar2.config import config_hash, to_dict
 from iar2.data.imagefolder import ImageFolderDataset
 from iar2.data.transforms import eval_transform
@@ -133,35 +136,41 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
 
 # ----------------------------------------------------------------------------- CLI: iar2 vq eval
 
+@dataclass
+class ReconEvalConfig:
+    """Settings of `iar2 vq eval`: a --config file or the flags of the same names (iar2.cli.add_config_arguments)."""
+    split: str = field(default="val", metadata={"help": "split to reconstruct"})
+    image_size: int | None = field(default=None, metadata={
+        "min": 1, "help": "image size (default: the VQ's training size)"})
+    extractor: Literal["inception", "domain"] = field(default="inception", metadata={
+        "help": "rFID features: torch-fidelity Inception (needs its weights file) or the domain network"})
+    perceptual: Literal["lpips_vgg", "domain", "none"] = field(default="lpips_vgg", metadata={
+        "help": "LPIPS backend: LPIPS-VGG (needs VGG16 weights), the domain network, or none"})
+    max_images: int | None = field(default=None, metadata={"min": 1, "help": "evaluate N images spread over the split"})
+    batch_size: int = field(default=32, metadata={"min": 1})
+    num_workers: int = field(default=0, metadata={"min": 0, "help": "DataLoader workers decoding images"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
+    bootstrap: int = field(default=200, metadata={
+        "min": 0, "help": "bootstrap replicates of every metric over the images, for the claims' intervals (0: none)"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ tokenizer (.safetensors with its .json, or a checkpoint folder)")
     p.add_argument("--data", required=True, help="ImageFolder root holding <split>/<class>/<images>")
-    p.add_argument("--split", default="val", help="split to reconstruct (default: val)")
-    p.add_argument("--image-size", type=positive_int, default=None, help="image size (default: the VQ's training size)")
-    p.add_argument("--extractor", choices=["inception", "domain"], default="inception",
-                   help="rFID features: torch-fidelity Inception (needs its weights file) or the domain network")
     p.add_argument("--domain-net", default=None, help="reference network checkpoint (`iar2 refnet train`)")
-    p.add_argument("--perceptual", choices=["lpips_vgg", "domain", "none"], default="lpips_vgg",
-                   help="LPIPS backend: LPIPS-VGG (needs VGG16 weights), the domain network, or none")
     p.add_argument("--weights-dir", default=None, help="folder holding pretrained weight files (else torch hub cache)")
-    p.add_argument("--max-images", type=positive_int, default=None, help="evaluate N images spread over the split")
-    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--report", default=None, help="`iar2 data check` report (bad images excluded without decoding)")
-    p.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader workers decoding images")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--bootstrap", type=nonneg_int, default=200,
-                   help="bootstrap replicates of every metric over the images, for the claims' intervals (0: none)")
     p.add_argument("--out", required=True, help="metrics JSON to write")
+    add_config_arguments(p, ReconEvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_reconstruction(args.vq, args.data, split=args.split, image_size=args.image_size,
-                                     extractor=args.extractor, domain_net=args.domain_net,
-                                     perceptual=args.perceptual, weights_dir=args.weights_dir,
-                                     max_images=args.max_images, batch_size=args.batch_size, device=args.device,
-                                     report=args.report, num_workers=args.num_workers,
-                                     bootstrap=getattr(args, "bootstrap", 0))
+    cfg = load_run_config(ReconEvalConfig, args)
+    result = evaluate_reconstruction(args.vq, args.data, split=cfg.split, image_size=cfg.image_size,
+                                     extractor=cfg.extractor, domain_net=args.domain_net,
+                                     perceptual=cfg.perceptual, weights_dir=args.weights_dir,
+                                     max_images=cfg.max_images, batch_size=cfg.batch_size, device=cfg.device,
+                                     report=args.report, num_workers=cfg.num_workers, bootstrap=cfg.bootstrap)
     atomic_write_json(args.out, result)
     log.info("metrics written to %s", args.out)
     return 0
