@@ -25,9 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
+from iar2.cli import positive_int
+from iar2.data.imagefolder import ImageFolderDataset
+from iar2.data.transforms import eval_transform
+from iar2.distributed import pick_device
 from iar2.io import atomic_write_json, read_json
+from iar2.metrics import FeatureCollector, psnr, resolve_extractor, to_uint8
+from iar2.sample import decode_to_uint8, save_grid
+from iar2.tokenizer.evaluate import spread_indices
 from iar2.tokenizer.usage import usage_stats
+from iar2.tokenizer.vq_model import default_image_size, load_vq
+
+# iar2.diagnose_ar builds on this module, so it is imported where `iar2 diagnose ar` / `joint-tokens` need it.
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +72,6 @@ def flat_fraction(images: np.ndarray, threshold: float = FLAT_STD) -> tuple[floa
 def tokenizer_report(vq_path, data_root, split: str = "val", domain_net=None, report=None, max_images: int | None = 200,
                      batch_size: int = 50, device: str = "auto", extractor: str = "domain"):
     """(JSON-ready dict, uint8 constant-map decodes (K, H, W, 3)) for one tokenizer (module doc)."""
-    from torch.utils.data import DataLoader, Subset
-
-    from iar2.data.imagefolder import ImageFolderDataset
-    from iar2.data.transforms import eval_transform
-    from iar2.metrics import FeatureCollector, psnr, resolve_extractor, to_uint8
-    from iar2.distributed import pick_device
-    from iar2.tokenizer.evaluate import spread_indices
-    from iar2.tokenizer.vq_model import default_image_size, load_vq
-
     dev = pick_device(device)
     vq = load_vq(vq_path, dev)
     size = default_image_size(vq_path)
@@ -117,8 +119,6 @@ def constant_maps(vq, codes: np.ndarray, vocabs: list[int], grid: int, dev, top:
 
     Dual: every semantic code k with detail 0 and with its most frequent detail code in `codes`; single: code 0 and
     the `top` most frequent codes. Returns (rows, uint8 images)."""
-    from iar2.sample import decode_to_uint8
-
     m = grid * grid
     hist = np.bincount(codes[:, 0].ravel(), minlength=vocabs[0])
     rows, maps = [], []
@@ -205,7 +205,6 @@ def budget_report(results, runs: list[str], tokenizers: list[str]) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments_for(words: tuple[str, ...], p: argparse.ArgumentParser) -> None:
-    from iar2.cli import positive_int  # argparse types with a range
     if words[1] == "joint-tokens":
         p.add_argument("--tokens", required=True, help="a dual tokenizer's `iar2 tokenize` folder")
         p.add_argument("--out", required=True, help="folder for the joint (single-level) tokens")
@@ -232,8 +231,6 @@ def add_arguments_for(words: tuple[str, ...], p: argparse.ArgumentParser) -> Non
 
 def save_tiles(images: np.ndarray, path, ncols: int = 16) -> None:
     """A plain grid of uint8 images (N, H, W, 3), row-major."""
-    from iar2.sample import save_grid
-
     save_grid(images, np.arange(len(images)) // ncols, Path(path), ncols)
 
 

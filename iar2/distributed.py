@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, find_unused_parameters: bo
     """DistributedDataParallel in a multi-process world, the module itself otherwise."""
     if not info.distributed:
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
 

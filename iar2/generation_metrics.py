@@ -9,6 +9,7 @@ so a domain FID is never read as an ImageNet FID.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -20,11 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from iar2 import tracking
+from iar2 import fingerprint, tracking
+from iar2.bootstrap import replicates
 from iar2.cli import add_config_arguments, load_run_config
 from iar2.config import to_dict
+from iar2.data.imagefolder import ImageFolderDataset, data_digest
+from iar2.data.transforms import eval_transform
 from iar2.distributed import pick_device
-from iar2.io import atomic_write_json
+from iar2.io import atomic_path, atomic_write_json
+from iar2.metrics import (ISC_SPLIT_SIZE, FeatureCollector, UInt8ImageDataset, extract_features, feature_statistics,
+                          frechet_distance, load_reference_stats, resolve_extractor, to_uint8)
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +48,11 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
 
 def reference_images(root, split: str, size: int, max_images: int | None, report=None) -> torch.Tensor:
     """The reference images as uint8 (N, 3, size, size) (small sets; large ones stream, see reference_features)."""
-    from iar2.metrics import to_uint8
-
     ds, pick = _reference_set(root, split, size, max_images, report)
     return torch.stack([to_uint8(ds[int(i)][0]) for i in pick])
 
 
 def _reference_set(root, split, size, max_images, report):
-    from iar2.data.imagefolder import ImageFolderDataset
-    from iar2.data.transforms import eval_transform
-
     ds = ImageFolderDataset(root, split, eval_transform(size), report=report)
     n = len(ds)
     pick = np.unique(np.linspace(0, n - 1, num=min(n, max_images)).round().astype(int)) if max_images \
@@ -63,11 +64,6 @@ def _cache_fingerprint(ext, root, split, size, max_images, report) -> tuple[str,
     """(cache slot, fingerprint) of a reference feature set: the slot names what is cached (extractor kind and
     layer, data folder, split, size, count); the fingerprint also holds the contents it depends on (extractor
     weights, the split's images via the data-check report) and the format (iar2/fingerprint.py)."""
-    import hashlib
-
-    from iar2 import fingerprint
-    from iar2.data.imagefolder import data_digest
-
     what = {"extractor": ext.kind, "layer": ext.layer_fid, "root": str(Path(root).resolve()), "split": split,
             "size": size, "max_images": max_images}
     slot = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -83,10 +79,6 @@ def reference_features(ext, root, split, size, max_images=None, report=None, cac
     """Pool features of the reference split, streamed in batches (no image kept) and cached on disk, keyed by
     what they depend on (extractor weights, the images' contents, split, size, count), so 50k-image references
     are computed once and recomputed when any of that changes."""
-    from iar2 import fingerprint
-    from iar2.io import atomic_path, atomic_write_json
-    from iar2.metrics import FeatureCollector, to_uint8
-
     cached = stamp = fp = None
     if cache_dir:
         slot, fp = _cache_fingerprint(ext, root, split, size, max_images, report)
@@ -121,9 +113,6 @@ def evaluate_samples(samples, data_root, split="train", extractor="domain", doma
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-    from iar2.metrics import (ISC_SPLIT_SIZE, UInt8ImageDataset, extract_features, feature_statistics,
-                              frechet_distance, load_reference_stats, resolve_extractor)
-
     ext = resolve_extractor(extractor, weights_dir, domain_net)
     gen, labels = load_samples(samples)
     size = gen.shape[-1]
@@ -147,8 +136,6 @@ def evaluate_samples(samples, data_root, split="train", extractor="domain", doma
         res["fid_ref_npz"] = frechet_distance(mu_g, sig_g, *load_reference_stats(ref_npz))
         res["ref_npz"] = str(ref_npz)
     if bootstrap:  # replicates for the claims' intervals (iar2.bootstrap): same features, resampled rows
-        from iar2.bootstrap import replicates
-
         res["bootstrap"] = replicates(g[ext.layer_fid], ref, g[ext.layer_isc], splits, g[ext.layer_prc], ref,
                                       bootstrap, bootstrap_seed, device=pick_device(device))
     res["num_classes_sampled"] = int(len(np.unique(labels)))

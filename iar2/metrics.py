@@ -30,6 +30,8 @@ from torch.utils.data import Dataset
 
 from iar2.checkpoint import safe_torch_load
 from iar2.distributed import pick_device
+from iar2.refnet import load_refnet
+from iar2.weights import find_weight
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +191,6 @@ def _domain_extractor_class():
             if feature_extractor_weights_path is None:
                 raise FileNotFoundError("the domain feature extractor needs a reference network checkpoint "
                                         "(train one with `iar2 refnet train`)")
-            from iar2.refnet import load_refnet
-
             self.net = load_refnet(feature_extractor_weights_path)
             self.requires_grad_(False)
             self.eval()
@@ -245,8 +245,6 @@ def inception_weights_path(weights_dir: str | Path | None = None) -> Path:
     torch-fidelity unpickles the file with weights_only=False; we first load it with weights_only=True,
     which refuses anything but tensors, so an untrusted file can never run code.
     """
-    from iar2.weights import find_weight
-
     try:
         path = find_weight("inception", weights_dir)
     except FileNotFoundError as e:

@@ -28,7 +28,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from iar2.cli import nonneg_int
 from iar2.data.transforms import EpochSeeded
+from iar2.fingerprint import file_digest, tree_digest
 from iar2.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -148,8 +150,6 @@ def read_report(report: str | Path | dict) -> dict:
 def data_digest(root: str | Path, split: str, report: str | Path | None = None) -> str:
     """Content digest of `root/split` for in-job cache keys (iar2/fingerprint.py): the data-check report's
     content fingerprint when a report is given (the check reads every byte once), else every file hashed here."""
-    from iar2.fingerprint import tree_digest
-
     if report is not None:
         info = read_report(report)["splits"].get(split) or {}
         if info.get("content_sha256"):
@@ -161,8 +161,6 @@ def data_digest(root: str | Path, split: str, report: str | Path | None = None) 
 
 def _inspect(path: str) -> tuple[str | None, str]:
     """(why the file is unusable or None, sha256 of its bytes): one pass of `iar2 data check` over a file."""
-    from iar2.fingerprint import file_digest
-
     return verify_image(path), file_digest(path)
 
 
@@ -321,7 +319,6 @@ class ImageFolderDataset(EpochSeeded, torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- CLI: iar2 data check
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int  # argparse types with a range
     p.add_argument("--root", required=True, help="ImageFolder root holding <split>/<class>/<images>")
     p.add_argument("--out", required=True, help="JSON report to write (pass it to the dataset as `report`)")
     p.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to scan (default: train val)")

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from iar2.bootstrap import recon_replicates
 from iar2.cli import add_config_arguments, load_run_config
 from iar2.config import config_hash, to_dict
 from iar2.data.imagefolder import ImageFolderDataset
@@ -103,8 +104,6 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
     metrics = {"rfid": collector.fid("reconstructed", "original")}
     boot = {}
     if bootstrap:  # replicates for the claims' intervals (iar2.bootstrap), resampling images
-        from iar2.bootstrap import recon_replicates
-
         boot = {"bootstrap": recon_replicates(collector.features("original"), collector.features("reconstructed"),
                                               {k: torch.cat(v) for k, v in per_image.items() if v}, bootstrap)}
     for k, v in per_image.items():
