@@ -246,28 +246,37 @@ def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed
 
 # ----------------------------------------------------------------------------- CLI: iar2 refnet train
 
+@dataclass
+class RefNetRunConfig:
+    """Settings of `iar2 refnet train`: a --config file or the flags of the same names (iar2.cli)."""
+    steps: int = field(default=2000, metadata={"min": 1, "help": "optimisation steps"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "random seed (init, shuffling, augmentation)"})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    lr: float = field(default=2e-3, metadata={"gt": 0.0, "help": "AdamW peak learning rate (warmup, cosine decay)"})
+    weight_decay: float = field(default=0.05, metadata={"min": 0.0})
+    input_size: int = field(default=64, metadata={"min": 1, "help": "resolution the network sees"})
+    widths: tuple[int, ...] = field(default=(16, 32, 64, 128), metadata={"min": 1, "help": "channels per stage"})
+    blocks: int = field(default=1, metadata={"min": 1, "help": "residual blocks per stage"})
+    crop_min: float = field(default=0.6, metadata={"gt": 0.0, "max": 1.0,
+                                                   "help": "random-crop fraction of the short side (min)"})
+    workers: int = field(default=0, metadata={"min": 0, "help": "DataLoader workers"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float  # ranged types
+    from iar2.cli import add_config_arguments
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
     p.add_argument("--out", required=True, help="output weights (.safetensors; metadata .json beside it)")
-    p.add_argument("--steps", type=positive_int, default=2000, help="optimisation steps")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (init, shuffling, augmentation)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW peak learning rate (warmup, cosine decay)")
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.05)
-    p.add_argument("--input-size", type=positive_int, default=64, help="resolution the network sees")
-    p.add_argument("--widths", type=positive_int, nargs="+", default=[16, 32, 64, 128], help="channels per stage")
-    p.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
-    p.add_argument("--crop-min", type=unit_float, default=0.6, help="random-crop fraction of the short side (min)")
-    p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader workers")
     p.add_argument("--report", default=None, help="`iar2 data check` report (bad files excluded)")
+    add_config_arguments(p, RefNetRunConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    from iar2.cli import load_run_config
     if not str(args.out).endswith(".safetensors"):
         print(f"iar2: --out must end with .safetensors (got {args.out})", file=sys.stderr)
         return 2
-    train_refnet(args.data, args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                 weight_decay=args.weight_decay, input_size=args.input_size, widths=tuple(args.widths),
-                 blocks=args.blocks, crop_min=args.crop_min, num_workers=args.workers, report=args.report)
+    cfg = load_run_config(RefNetRunConfig, args)
+    train_refnet(args.data, args.out, steps=cfg.steps, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr,
+                 weight_decay=cfg.weight_decay, input_size=cfg.input_size, widths=tuple(cfg.widths),
+                 blocks=cfg.blocks, crop_min=cfg.crop_min, num_workers=cfg.workers, report=args.report)
     return 0

@@ -44,6 +44,7 @@ from iar2 import fingerprint
 from iar2.training import Job, Loop, NonFiniteGuard, checkpoint_to_resume, grad_norm, step_batches, tracked
 from iar2.tokenizer.config import TokenizerRunConfig
 from iar2.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from iar2.tokenizer.usage import usage_stats
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,8 @@ class CodebookStats:
             total = int(c.sum())
             if total == 0:
                 continue
-            p = c.double() / total
-            entropy = -(p[p > 0] * p[p > 0].log()).sum()
-            out[f"usage_{name}"] = float((c > 0).double().mean())
-            out[f"perplexity_{name}"] = float(entropy.exp())
+            u = usage_stats(c)
+            out[f"usage_{name}"], out[f"perplexity_{name}"] = u["usage"], u["perplexity"]
             self.counts[name].zero_()
         return out
 
