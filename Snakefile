@@ -4,7 +4,7 @@
 #   snakemake --cores all reproduce_all --config scale=ci     another scale (params/<scale>.yaml)
 #   snakemake --profile slurm reproduce_all                   the paper scale on a SLURM cluster (slurm/config.yaml)
 # Stages mirror the rule files: data -> tokenizer -> analysis (tokens, rearrangement, Fig. 3/8) -> ar (train,
-# sample, metrics) -> report.
+# sample, metrics) -> diagnosis (IAR2 vs LlamaGen taken apart) -> report.
 
 report: "workflow/report/workflow.rst"
 
@@ -14,15 +14,24 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/ar.smk"
+include: "workflow/rules/diagnosis.smk"
 include: "workflow/rules/report.smk"
 
 
 rule reproduce_all:
-    """Every table and figure of the paper at the current scale, the summary and the report."""
+    """Every table and figure of the paper at the current scale, the diagnosis, the summary and the report."""
     input:
         ALL_TARGETS,
+        DIAG_TARGETS,
         f"{R}/{layout.SUMMARY}",
         layout.report_dir(SCALE),
+
+
+rule diagnosis:
+    """The report's Diagnosis section: the scale file's `diagnosis.runs` taken apart (workflow/rules/diagnosis.smk)."""
+    input:
+        DIAG_TARGETS,
+    localrule: True
 
 
 rule samples:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from iar2 import fingerprint
 from iar2.io import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -217,8 +219,6 @@ def auto_resume_checkpoint(run_dir: str | Path, fp: dict, what: str, is_main: bo
     """`--resume auto`: may the run's checkpoints be resumed? Only if they carry this job's fingerprint (same
     effective config, same input contents, same format: iar2/fingerprint.py) and the run had not finished.
     Otherwise they are moved to checkpoints.stale/ (one log line says what changed) and training starts over."""
-    from iar2 import fingerprint
-
     if is_main:
         remove_leftovers(run_dir)
     return fingerprint.guard(Path(run_dir) / "checkpoints", fp, what, write=is_main)
@@ -251,8 +251,6 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
 def safe_torch_load(path: str | Path, map_location: str = "cpu"):
     """torch.load of a released .pt/.pth/.bin file with weights_only=True (tensors and plain containers only).
     A file that needs more is refused with a clear message: unpickling it could run code from the file."""
-    import pickle
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")

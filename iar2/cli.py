@@ -7,11 +7,17 @@ when their command is chosen (or its --help asked for), so `iar2 --help` stays f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import math
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Literal
+
+from iar2.config import ConfigError, load_config
 
 # (command words, module, one-line help). Keep in pipeline order: `iar2 --help` reads as the DAG.
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -80,6 +86,65 @@ def float_min(lo: float):
     return _number(float, lo, what=f"a number >= {lo:g}")
 
 
+def _ranged(kind: type, md: dict, where: str):
+    """The ranged argparse type of a numeric config field, from its metadata bounds (min / max / gt); the named
+    types above where they fit, so their messages are the ones users already see."""
+    lo, hi, gt = md.get("min"), md.get("max"), md.get("gt")
+    if kind is int and gt is not None:
+        lo, gt = gt + 1, None
+    if lo is None and gt is None:
+        raise TypeError(f"{where}: a numeric option needs a range (field metadata min, max or gt)")
+    if kind is int:
+        if hi is None:
+            return {1: positive_int, 0: nonneg_int}.get(lo) or _number(int, lo, what=f"an integer >= {lo}")
+        return int_range(lo, hi)
+    if gt is not None:
+        if gt == 0 and hi in (None, 1):
+            return positive_float if hi is None else unit_float
+        return _number(float, gt, hi, lo_open=True, what=f"a number > {gt:g}" + (f" and <= {hi:g}" if hi else ""))
+    if hi is None:
+        return nonneg_float if lo == 0 else float_min(lo)
+    return _number(float, lo, hi, what=f"a number in [{lo:g}, {hi:g}]")
+
+
+# ----------------------------------------------------------------------------- settings from a file and flags
+# `iar2 refnet train`, `tokenize`, `vq eval` and `metrics` read their settings from a dataclass (iar2.config): a
+# --config file (YAML or JSON) gives any of them, a flag of the same name overrides the file, and both are checked
+# by the same field rules (a bad file value is named by its key, a bad flag by argparse). Paths stay flags.
+
+def add_config_arguments(p: argparse.ArgumentParser, cls: type) -> None:
+    """`--config FILE` and one option per field of `cls` (`batch_size` -> `--batch-size`), typed, ranged and
+    described by the field. The options default to None: `load_run_config` then knows which flags were given."""
+    p.add_argument("--config", metavar="FILE",
+                   help=f"YAML or JSON mapping of {cls.__name__} settings: the options below by field name "
+                        "(--batch-size: batch_size); a flag given too overrides the file")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, md, kw = hints[f.name], f.metadata, {}
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: the flag gives an X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if typing.get_origin(tp) in (tuple, list):
+            tp, kw["nargs"] = typing.get_args(tp)[0], "+"
+        if typing.get_origin(tp) is Literal:
+            kw["choices"] = list(typing.get_args(tp))
+        elif "choices" in md:
+            kw["choices"] = list(md["choices"])
+        elif tp in (int, float):
+            kw["type"] = _ranged(tp, md, f"{cls.__name__}.{f.name}")
+        elif tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+        help_ = md.get("help", "") + ("" if default is None else f" (default: {shown})")
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=help_.strip() or None, **kw)
+
+
+def load_run_config(cls: type, args: argparse.Namespace):
+    """`cls` from the --config file, with every flag that was given taking precedence (iar2.config.load_config)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return load_config(cls, getattr(args, "config", None), data=given)
+
+
 def _group_help(words: tuple[str, ...]) -> str:
     return {"data": "dataset preparation and checks", "refnet": "the domain reference network",
             "vq": "VQ tokenizers", "track": "MLflow run tracking", "ar": "autoregressive models",
@@ -133,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     runner = getattr(mod, "run_for", None)
     # late imports: keep `iar2 --help` light
     from iar2.checkpoint import CheckpointError
-    from iar2.config import ConfigError
     from iar2.data.imagefolder import DatasetError
     from iar2.io import UnwritableError, check_writable
     from iar2.tracking import TrackingError

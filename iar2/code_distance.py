@@ -22,9 +22,18 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from iar2.cli import nonneg_float, positive_int
+from iar2.config import ConfigError
+from iar2.data.imagefolder import ImageFolderDataset
+from iar2.data.transforms import eval_transform
+from iar2.distributed import pick_device
 from iar2.io import atomic_write_json
+from iar2.perceptual import build_perceptual
+from iar2.tokenizer.evaluate import spread_indices
+from iar2.tokenizer.vq_model import default_image_size, load_vq
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +163,6 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_float, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ tokenizer (.safetensors with its .json, or a checkpoint folder)")
     p.add_argument("--data", required=True, help="ImageFolder root holding <split>/<class>/<images>")
     p.add_argument("--split", default="val")
@@ -174,16 +182,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader, Subset
-
-    from iar2.config import ConfigError
-    from iar2.data.imagefolder import ImageFolderDataset
-    from iar2.data.transforms import eval_transform
-    from iar2.perceptual import build_perceptual
-    from iar2.tokenize import default_image_size, pick_device
-    from iar2.tokenizer.evaluate import spread_indices
-    from iar2.tokenizer.vq_model import load_vq
-
     if args.perceptual == "domain" and not args.domain_net:
         raise ConfigError("--domain-net: required with --perceptual domain (a checkpoint from `iar2 refnet train`)")
     dev = pick_device(args.device)

@@ -3,7 +3,8 @@
 Every config is a dataclass. `from_dict` builds one from parsed YAML and rejects, before any
 work starts, unknown keys and out-of-range or wrong-typed values with a message that names the
 dotted key and what is allowed. Field constraints live in the field metadata:
-`field(default=..., metadata={"min": 1, "max": 8, "help": "..."})`; Literal types give choices.
+`field(default=..., metadata={"min": 1, "max": 8, "help": "..."})` ("gt": 0 for a bound that is excluded; the
+bounds of a list field apply to each item); Literal types give choices.
 """
 from __future__ import annotations
 
@@ -103,14 +104,19 @@ def _check_range(f: dataclasses.Field, value: Any, key: str) -> None:
     md = f.metadata
     if value is None or isinstance(value, bool):
         return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_range(f, v, f"{key}[{i}]")
+        return
     if "choices" in md and value not in md["choices"]:
         raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: "
                           + ", ".join(repr(c) for c in md["choices"]))
     if isinstance(value, (int, float)):
-        lo, hi = md.get("min"), md.get("max")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-            raise ConfigError(f"{key}: {value!r} is out of range; allowed values: {rng}")
+        lo, hi, gt = md.get("min"), md.get("max"), md.get("gt")
+        if (lo is not None and value < lo) or (gt is not None and value <= gt) or (hi is not None and value > hi):
+            low = f"({gt}" if gt is not None else f"[{lo if lo is not None else '-inf'}"
+            raise ConfigError(f"{key}: {value!r} is out of range; allowed values: {low}, "
+                              f"{hi if hi is not None else 'inf'}]")
 
 
 def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:

@@ -25,9 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from iar2 import layout
+from iar2.cli import positive_int
+from iar2.data.imagefolder import ImageFolderDataset
+from iar2.data.transforms import eval_transform
+from iar2.distributed import pick_device
 from iar2.io import atomic_write_json, read_json
+from iar2.metrics import FeatureCollector, psnr, resolve_extractor, to_uint8
+from iar2.sample import decode_to_uint8, save_grid
+from iar2.tokenizer.evaluate import spread_indices
+from iar2.tokenizer.usage import usage_stats
+from iar2.tokenizer.vq_model import default_image_size, load_vq
+
+# iar2.diagnose_ar builds on this module, so it is imported where `iar2 diagnose ar` / `joint-tokens` need it.
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +51,8 @@ FLAT_STD = 10.0
 
 # ----------------------------------------------------------------------------- histogram statistics
 
-def histogram_stats(counts, prefix: str = "") -> dict[str, float]:
-    """Used fraction, codes used, entropy (nats) and perplexity exp(H) of a code histogram."""
-    c = np.asarray(counts, dtype=np.float64)
-    p = c[c > 0] / max(c.sum(), 1.0)
-    h = float(-(p * np.log(p)).sum())
-    return {f"{prefix}usage": float((c > 0).mean()), f"{prefix}codes_used": int((c > 0).sum()),
-            f"{prefix}entropy": h, f"{prefix}perplexity": float(np.exp(h))}
-
-
 def entropy_of(x: np.ndarray, size: int) -> float:
-    return histogram_stats(np.bincount(np.asarray(x, dtype=np.int64).ravel(), minlength=size))["entropy"]
+    return usage_stats(np.bincount(np.asarray(x, dtype=np.int64).ravel(), minlength=size))["entropy"]
 
 
 def conditional_entropy(x: np.ndarray, y: np.ndarray, nx: int, ny: int) -> float:
@@ -70,22 +73,13 @@ def flat_fraction(images: np.ndarray, threshold: float = FLAT_STD) -> tuple[floa
 def tokenizer_report(vq_path, data_root, split: str = "val", domain_net=None, report=None, max_images: int | None = 200,
                      batch_size: int = 50, device: str = "auto", extractor: str = "domain"):
     """(JSON-ready dict, uint8 constant-map decodes (K, H, W, 3)) for one tokenizer (module doc)."""
-    from torch.utils.data import DataLoader, Subset
-
-    from iar2.data.imagefolder import ImageFolderDataset
-    from iar2.data.transforms import eval_transform
-    from iar2.metrics import FeatureCollector, psnr, resolve_extractor, to_uint8
-    from iar2.tokenize import default_image_size, level_names, pick_device, vocab_sizes
-    from iar2.tokenizer.evaluate import spread_indices
-    from iar2.tokenizer.vq_model import load_vq
-
     dev = pick_device(device)
     vq = load_vq(vq_path, dev)
     size = default_image_size(vq_path)
     ds = ImageFolderDataset(data_root, split, eval_transform(size), report=report, verify=report is None)
     idx = spread_indices(len(ds), max_images)
     col = FeatureCollector(resolve_extractor(extractor, domain_net=domain_net), device=dev)
-    names, vocabs = level_names(vq), vocab_sizes(vq)
+    names, vocabs = vq.level_names(), vq.vocab_sizes()
     decodes = ["full", "semantic"] if vq.cfg.quantizer == "semantic_detail" else ["full"]
     psnrs = {d: [] for d in decodes}
     stds = {d: [] for d in ["original", *decodes]}
@@ -106,7 +100,7 @@ def tokenizer_report(vq_path, data_root, split: str = "val", domain_net=None, re
     out: dict = {"vq": str(vq_path), "quantizer": vq.cfg.quantizer, "split": split, "num_images": len(idx),
                  "extractor": extractor, "levels": {}}
     for lvl, (name, v) in enumerate(zip(names, vocabs)):
-        out["levels"][name] = {"size": v, **histogram_stats(np.bincount(codes[:, lvl].ravel(), minlength=v))}
+        out["levels"][name] = {"size": v, **usage_stats(np.bincount(codes[:, lvl].ravel(), minlength=v))}
     if len(names) == 2:
         out["levels"]["detail"]["entropy_given_semantic"] = conditional_entropy(codes[:, 1], codes[:, 0], *vocabs[::-1])
     for d in decodes:
@@ -126,8 +120,6 @@ def constant_maps(vq, codes: np.ndarray, vocabs: list[int], grid: int, dev, top:
 
     Dual: every semantic code k with detail 0 and with its most frequent detail code in `codes`; single: code 0 and
     the `top` most frequent codes. Returns (rows, uint8 images)."""
-    from iar2.sample import decode_to_uint8
-
     m = grid * grid
     hist = np.bincount(codes[:, 0].ravel(), minlength=vocabs[0])
     rows, maps = [], []
@@ -214,7 +206,6 @@ def budget_report(results, runs: list[str], tokenizers: list[str]) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments_for(words: tuple[str, ...], p: argparse.ArgumentParser) -> None:
-    from iar2.cli import positive_int  # argparse types with a range
     if words[1] == "joint-tokens":
         p.add_argument("--tokens", required=True, help="a dual tokenizer's `iar2 tokenize` folder")
         p.add_argument("--out", required=True, help="folder for the joint (single-level) tokens")
@@ -241,8 +232,6 @@ def add_arguments_for(words: tuple[str, ...], p: argparse.ArgumentParser) -> Non
 
 def save_tiles(images: np.ndarray, path, ncols: int = 16) -> None:
     """A plain grid of uint8 images (N, H, W, 3), row-major."""
-    from iar2.sample import save_grid
-
     save_grid(images, np.arange(len(images)) // ncols, Path(path), ncols)
 
 

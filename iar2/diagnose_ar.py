@@ -23,7 +23,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from iar2.diagnose import FLAT_STD, conditional_entropy, entropy_of, flat_fraction
+from iar2.ar.generate import SamplingConfig, generate
+from iar2.ar.pag_cfg import GuidanceConfig
+from iar2.cli import nonneg_float, nonneg_int, positive_float, positive_int
+from iar2.diagnose import FLAT_STD, conditional_entropy, entropy_of, flat_fraction, save_tiles
+from iar2.distributed import pick_device
+from iar2.generation_metrics import evaluate_samples
+from iar2.io import atomic_save_npy, atomic_write_json, read_json
+from iar2.reject_sampling import Scorer
+from iar2.sample import decode_to_uint8
+from iar2.tokenize import TokenDataset
+from iar2.tokenizer.vq_model import load_vq
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +48,6 @@ def _level_logits(out: dict) -> list[torch.Tensor]:
 
 def load_codes(tokens_dir, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(codes (N, levels, m) int64 of augmentation 0 = the centre crop, labels (N,)) of an `iar2 tokenize` folder."""
-    from iar2.tokenize import TokenDataset
-
     ds = TokenDataset(tokens_dir, aug=0)
     n = len(ds) if max_images is None else min(len(ds), max_images)
     pick = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(np.int64))  # spread over the classes
@@ -138,9 +146,6 @@ def flat_sample_tokens(tokens: np.ndarray, std: np.ndarray, names: list[str], li
 
 
 def sample_config(mode: str, scale: float, temperature: float, seed: int):
-    from iar2.ar.generate import SamplingConfig
-    from iar2.ar.pag_cfg import GuidanceConfig
-
     return SamplingConfig(temperature=(temperature, temperature), seed=seed,
                           guidance=GuidanceConfig(mode=mode, scale=scale))
 
@@ -148,8 +153,6 @@ def sample_config(mode: str, scale: float, temperature: float, seed: int):
 def write_joint_tokens(src, dst) -> dict:
     """Rewrite a dual token folder with one joint vocabulary t = k * V_d + j, so a single-codebook AR (LlamaGen) can
     train on the dual tokenizer's tokens: the side-by-side that splits the tokenizer's share of a gap from the AR's."""
-    from iar2.io import atomic_save_npy, atomic_write_json, read_json
-
     src, dst = Path(src), Path(dst)
     meta = read_json(src / "meta.json")
     vs, vd = meta["vocab_sizes"]
@@ -173,9 +176,6 @@ def split_joint(tokens: torch.Tensor, detail_size: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_set(model, vq, labels: np.ndarray, sc, batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """(tokens (N, levels, m), uint8 images (N, H, W, 3)) for `labels`; sample i uses stream i."""
-    from iar2.ar.generate import generate
-    from iar2.sample import decode_to_uint8
-
     dev = next(model.parameters()).device
     toks, ims = [], []
     for b in range(0, len(labels), batch_size):
@@ -190,7 +190,6 @@ def sample_set(model, vq, labels: np.ndarray, sc, batch_size: int = 100) -> tupl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_float, nonneg_int, positive_float, positive_int  # argparse types with a range
     p.add_argument("--ar", required=True, help="AR weights (model.safetensors or model_eNNN.safetensors)")
     p.add_argument("--vq", required=True, help="the tokenizer of its tokens")
     p.add_argument("--tokens", required=True, help="training tokens (`iar2 tokenize` folder)")
@@ -227,8 +226,6 @@ def _sample_metrics(images, labels, tokens, train_codes, vocabs, names, grid, ar
         res["class_prob_mean"] = float(logits.softmax(-1).gather(1, lab[:, None]).mean())
         res["class_accuracy"] = float((logits.argmax(-1) == lab).float().mean())
     if args.data and args.domain_net:
-        from iar2.generation_metrics import evaluate_samples
-
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "samples.npz"
             np.savez(path, arr_0=images, arr_1=labels)
@@ -239,9 +236,7 @@ def _sample_metrics(images, labels, tokens, train_codes, vocabs, names, grid, ar
 
 
 def run(args: argparse.Namespace) -> dict:
-    from iar2.ar.train import load_ar
-    from iar2.tokenize import pick_device
-    from iar2.tokenizer.vq_model import load_vq
+    from iar2.ar.train import load_ar  # the trainer module: only when `iar2 diagnose ar` runs
 
     dev = pick_device(args.device)
     model = load_ar(args.ar, dev)
@@ -255,8 +250,6 @@ def run(args: argparse.Namespace) -> dict:
                  "data_repetition": {n: repetition_stats(train_codes[:, lvl], c.grid) for lvl, n in enumerate(names)}}
     sub_c, sub_l = load_codes(args.tokens, args.max_eval)
     # the reference for flatness: the training images' own tokens decoded by the same tokenizer
-    from iar2.sample import decode_to_uint8
-
     with torch.no_grad():
         t = torch.as_tensor(sub_c[:, 0] if c.paradigm == "single" else sub_c, device=dev)
         t = split_joint(t, vq.cfg.detail_size) if t.dim() == 2 and vq.is_dual else t
@@ -269,8 +262,6 @@ def run(args: argparse.Namespace) -> dict:
         out["teacher_forced"]["heldout"] = teacher_forced(model, *load_codes(args.heldout, args.max_eval))
     scorer = None
     if args.domain_net:
-        from iar2.reject_sampling import Scorer
-
         scorer = Scorer("domain", args.domain_net, device=dev)
     labels = np.repeat(np.arange(c.num_classes), args.per_class)
     configs = [("none", 1.0)] + [("static", s) for s in args.scales]
@@ -283,7 +274,5 @@ def run(args: argparse.Namespace) -> dict:
         keep = np.concatenate([np.flatnonzero(labels == k)[:8] for k in range(min(5, c.num_classes))])
         shown.append(images[keep])
     if args.png:
-        from iar2.diagnose import save_tiles
-
         save_tiles(np.concatenate(shown), args.png, ncols=8)
     return out

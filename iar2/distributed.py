@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (or None) -> the GPU when CUDA is available, else the CPU; anything else as torch names it ('cuda:1').
+    For one-process jobs (tokenize, evaluation); trainers place each rank with `resolve_device`."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def resolve_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
@@ -133,8 +142,6 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, find_unused_parameters: bo
     """DistributedDataParallel in a multi-process world, the module itself otherwise."""
     if not info.distributed:
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
 

@@ -9,16 +9,28 @@ so a domain FID is never read as an ImageNet FID.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from iar2.io import atomic_write_json
+from iar2 import fingerprint, tracking
+from iar2.bootstrap import replicates
+from iar2.cli import add_config_arguments, load_run_config
+from iar2.config import to_dict
+from iar2.data.imagefolder import ImageFolderDataset, data_digest
+from iar2.data.transforms import eval_transform
+from iar2.distributed import pick_device
+from iar2.io import atomic_path, atomic_write_json
+from iar2.metrics import (ISC_SPLIT_SIZE, FeatureCollector, UInt8ImageDataset, extract_features, feature_statistics,
+                          frechet_distance, load_reference_stats, resolve_extractor, to_uint8)
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +48,11 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
 
 def reference_images(root, split: str, size: int, max_images: int | None, report=None) -> torch.Tensor:
     """The reference images as uint8 (N, 3, size, size) (small sets; large ones stream, see reference_features)."""
-    from iar2.metrics import to_uint8
-
     ds, pick = _reference_set(root, split, size, max_images, report)
     return torch.stack([to_uint8(ds[int(i)][0]) for i in pick])
 
 
 def _reference_set(root, split, size, max_images, report):
-    from iar2.data.imagefolder import ImageFolderDataset
-    from iar2.data.transforms import eval_transform
-
     ds = ImageFolderDataset(root, split, eval_transform(size), report=report)
     n = len(ds)
     pick = np.unique(np.linspace(0, n - 1, num=min(n, max_images)).round().astype(int)) if max_images \
@@ -57,11 +64,6 @@ def _cache_fingerprint(ext, root, split, size, max_images, report) -> tuple[str,
     """(cache slot, fingerprint) of a reference feature set: the slot names what is cached (extractor kind and
     layer, data folder, split, size, count); the fingerprint also holds the contents it depends on (extractor
     weights, the split's images via the data-check report) and the format (iar2/fingerprint.py)."""
-    import hashlib
-
-    from iar2 import fingerprint
-    from iar2.data.imagefolder import data_digest
-
     what = {"extractor": ext.kind, "layer": ext.layer_fid, "root": str(Path(root).resolve()), "split": split,
             "size": size, "max_images": max_images}
     slot = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -77,10 +79,6 @@ def reference_features(ext, root, split, size, max_images=None, report=None, cac
     """Pool features of the reference split, streamed in batches (no image kept) and cached on disk, keyed by
     what they depend on (extractor weights, the images' contents, split, size, count), so 50k-image references
     are computed once and recomputed when any of that changes."""
-    from iar2 import fingerprint
-    from iar2.io import atomic_path, atomic_write_json
-    from iar2.metrics import FeatureCollector, to_uint8
-
     cached = stamp = fp = None
     if cache_dir:
         slot, fp = _cache_fingerprint(ext, root, split, size, max_images, report)
@@ -115,9 +113,6 @@ def evaluate_samples(samples, data_root, split="train", extractor="domain", doma
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-    from iar2.metrics import (ISC_SPLIT_SIZE, UInt8ImageDataset, extract_features, feature_statistics,
-                              frechet_distance, load_reference_stats, resolve_extractor)
-
     ext = resolve_extractor(extractor, weights_dir, domain_net)
     gen, labels = load_samples(samples)
     size = gen.shape[-1]
@@ -141,56 +136,55 @@ def evaluate_samples(samples, data_root, split="train", extractor="domain", doma
         res["fid_ref_npz"] = frechet_distance(mu_g, sig_g, *load_reference_stats(ref_npz))
         res["ref_npz"] = str(ref_npz)
     if bootstrap:  # replicates for the claims' intervals (iar2.bootstrap): same features, resampled rows
-        from iar2.bootstrap import replicates
-
-        from iar2.metrics import _device
-
         res["bootstrap"] = replicates(g[ext.layer_fid], ref, g[ext.layer_isc], splits, g[ext.layer_prc], ref,
-                                      bootstrap, bootstrap_seed, device=_device(device))
+                                      bootstrap, bootstrap_seed, device=pick_device(device))
     res["num_classes_sampled"] = int(len(np.unique(labels)))
     res["image_size"] = int(size)
     return res
 
 
+@dataclass
+class GenMetricsConfig:
+    """Settings of `iar2 metrics`: a --config file or the flags of the same names (iar2.cli.add_config_arguments)."""
+    split: str = field(default="train", metadata={"help": "reference split (train, as ADM/LlamaGen)"})
+    extractor: Literal["inception", "domain"] = field(default="inception", metadata={
+        "help": "Inception (needs its weights: `iar2 fetch-weights`) or the domain network (offline)"})
+    max_reference: int = field(default=50000, metadata={"min": 1, "help": "reference images at most (spread evenly)"})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    bootstrap: int = field(default=200, metadata={
+        "min": 0, "help": "bootstrap replicates of every metric for the claims' intervals (0: none)"})
+    bootstrap_seed: int = field(default=0, metadata={
+        "min": 0, "help": "seed of the resample indices; keep it equal across the jobs whose metrics are compared"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--samples", required=True, help="samples.npz from `iar2 sample` (arr_0: N x H x W x 3 uint8)")
     p.add_argument("--data", required=True, help="ImageFolder root of the reference images")
-    p.add_argument("--split", default="train", help="reference split (default: train, as ADM/LlamaGen)")
-    p.add_argument("--extractor", choices=["inception", "domain"], default="inception",
-                   help="Inception (needs its weights: `iar2 fetch-weights`) or the domain network (offline)")
     p.add_argument("--domain-net", help="reference network checkpoint (`iar2 refnet train`)")
     p.add_argument("--weights-dir", help="folder holding pretrained weight files (else the torch hub cache)")
-    p.add_argument("--max-reference", type=positive_int, default=50000,
-                   help="reference images at most (spread evenly)")
     p.add_argument("--ref-npz", help="ADM reference batch (.npz with mu, sigma) for the protocol FID")
     p.add_argument("--report", help="`iar2 data check` report: its bad images are excluded")
     p.add_argument("--cache-dir", help="folder caching reference features (computed once per reference set)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--bootstrap", type=nonneg_int, default=200,
-                   help="bootstrap replicates of every metric for the claims' intervals (0: none)")
-    p.add_argument("--bootstrap-seed", type=nonneg_int, default=0,
-                   help="seed of the resample indices; keep it equal across the jobs whose metrics are compared")
-    p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="metrics JSON")
+    add_config_arguments(p, GenMetricsConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from iar2 import tracking
-
-    with tracking.start_run(f"metrics {args.samples}", params={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                            tags={"job": "gen_metrics"}) as mlrun:
-        res = _run(args)
+    cfg = load_run_config(GenMetricsConfig, args)
+    params = {**{k: v for k, v in vars(args).items() if not k.startswith("_")}, **to_dict(cfg)}
+    with tracking.start_run(f"metrics {args.samples}", params=params, tags={"job": "gen_metrics"}) as mlrun:
+        res = _run(args, cfg)
         mlrun.log_metrics(0, {k: v for k, v in res.items() if k in ("fid", "isc_mean", "precision", "recall",
                                                                    "fid_ref_npz")})
         mlrun.log_artifact(args.out)
     return 0
 
 
-def _run(args: argparse.Namespace) -> dict:
-    res = evaluate_samples(args.samples, args.data, args.split, args.extractor, args.domain_net, args.weights_dir,
-                           args.max_reference, args.ref_npz, args.report, args.device, args.batch_size,
-                           args.cache_dir, getattr(args, "bootstrap", 0), getattr(args, "bootstrap_seed", 0))
+def _run(args: argparse.Namespace, cfg: GenMetricsConfig) -> dict:
+    res = evaluate_samples(args.samples, args.data, cfg.split, cfg.extractor, args.domain_net, args.weights_dir,
+                           cfg.max_reference, args.ref_npz, args.report, cfg.device, cfg.batch_size,
+                           args.cache_dir, cfg.bootstrap, cfg.bootstrap_seed)
     atomic_write_json(args.out, res)
     log.info("FID %.3f  IS %.2f  precision %.3f  recall %.3f (%s extractor) -> %s", res["fid"], res["isc_mean"],
              res["precision"], res["recall"], res["extractor"], args.out)

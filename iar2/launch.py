@@ -23,6 +23,8 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+from iar2.cli import nonneg_int, positive_int
+
 # torchrun's rendezvous port when MASTER_PORT is not given: derived from the job id so two multi-node jobs that
 # share a first node do not collide; kept below Linux's ephemeral range (32768-60999), where clients bind.
 PORT_BASE, PORT_SPAN = 15000, 15000
@@ -210,8 +212,6 @@ def route(gpus: int, nodes: int, force_srun: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
-
     p = argparse.ArgumentParser(
         prog="python -m iar2.launch",
         description="Run CMD with one torch.distributed rank per GPU: as is (1 GPU or CPU), under torchrun "

@@ -162,6 +162,34 @@ def gen_metrics(sample: str) -> str:
     return f"{sample_dir(sample)}/metrics.json"
 
 
+# -- the diagnosis of chosen runs (workflow/rules/diagnosis.smk, read by iar2/report/diagnosis.py)
+DIAGNOSIS = "diagnose"
+DIAGNOSIS_BUDGET = "budget.json"  # written last: its presence marks the diagnosis complete
+
+
+def diagnosis_budget() -> str:
+    return f"{DIAGNOSIS}/{DIAGNOSIS_BUDGET}"
+
+
+def diagnosis_tokenizer(tok: str, png: bool = False) -> str:
+    """A tokenizer's diagnosis, or (png) its constant-code decodes."""
+    return f"{DIAGNOSIS}/tok-{tok}" + ("-const.png" if png else ".json")
+
+
+def diagnosis_ar(run: str, png: bool = False) -> str:
+    """An AR run's diagnosis, or (png) its samples."""
+    return f"{DIAGNOSIS}/ar-{run}" + (".png" if png else ".json")
+
+
+def heldout_tokens_dir(tok: str, grid) -> str:
+    """The val split's codes, unaugmented: held-out tokens for the AR diagnosis."""
+    return f"{DIAGNOSIS}/tokens-val/{tok}/g{grid}"
+
+
+def heldout_tokens_meta(tok: str, grid) -> str:
+    return f"{heldout_tokens_dir(tok, grid)}/meta.json"
+
+
 # -- resolved configs each job writes before it starts
 def job_config(job: str, name: str) -> str:
     """configs/<job>/<name>.yaml: tokenizer/<tok>-<stage>, ar/<run>, sampling/<guidance>, time_match/<run>."""

@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from iar2.checkpoint import safe_torch_load
+from iar2.distributed import pick_device
+from iar2.refnet import load_refnet
+from iar2.weights import find_weight
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +191,6 @@ def _domain_extractor_class():
             if feature_extractor_weights_path is None:
                 raise FileNotFoundError("the domain feature extractor needs a reference network checkpoint "
                                         "(train one with `iar2 refnet train`)")
-            from iar2.refnet import load_refnet
-
             self.net = load_refnet(feature_extractor_weights_path)
             self.requires_grad_(False)
             self.eval()
@@ -244,8 +245,6 @@ def inception_weights_path(weights_dir: str | Path | None = None) -> Path:
     torch-fidelity unpickles the file with weights_only=False; we first load it with weights_only=True,
     which refuses anything but tensors, so an untrusted file can never run code.
     """
-    from iar2.weights import find_weight
-
     try:
         path = find_weight("inception", weights_dir)
     except FileNotFoundError as e:
@@ -272,19 +271,13 @@ def resolve_extractor(kind: str, weights_dir: str | Path | None = None,
     raise ValueError(f"extractor {kind!r}: allowed values: 'inception', 'domain'")
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def extract_features(dataset: Dataset, extractor: Extractor, layers: tuple[str, ...] | None = None,
                      batch_size: int = 64, device=None, verbose: bool = False) -> dict[str, torch.Tensor]:
     """Features {layer: (N, D) float32} of a uint8 image dataset (e.g. to compare against reference stats)."""
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     layers = tuple(layers or (extractor.layer_fid,))
-    cuda = _device(device).type == "cuda"
+    cuda = pick_device(device).type == "cuda"
     fe = create_feature_extractor(extractor.name, list(layers), cuda=cuda, verbose=verbose,
                                   feature_extractor_weights_path=extractor.weights_path)
     return get_featuresdict_from_dataset(dataset, fe, batch_size, cuda, save_cpu_ram=True, verbose=verbose)
@@ -302,7 +295,7 @@ class FeatureCollector:
 
         self.extractor = extractor
         self.layers = tuple(layers or (extractor.layer_fid,))
-        self.device = _device(device)
+        self.device = pick_device(device)
         self.model = create_feature_extractor(extractor.name, list(self.layers), cuda=self.device.type == "cuda",
                                               verbose=False, feature_extractor_weights_path=extractor.weights_path)
         self._feats: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -345,7 +338,7 @@ def compute_fidelity(generated: Dataset, reference: Dataset, extractor: Extracto
 
     n_gen, n_ref = len(generated), len(reference)
     isc_splits = max(1, round(n_gen / ISC_SPLIT_SIZE))
-    cuda = _device(device).type == "cuda"
+    cuda = pick_device(device).type == "cuda"
     log.info("torch-fidelity: %s (%d) vs %s (%d), extractor %s, fid=%s isc=%s prc=%s", generated_name, n_gen,
              reference_name, n_ref, extractor.name, fid, isc, prc)
     raw = torch_fidelity.calculate_metrics(

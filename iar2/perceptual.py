@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from iar2.checkpoint import safe_torch_load
+from iar2.refnet import load_refnet
 from iar2.weights import find_weight
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,6 @@ def build_perceptual(kind: str, domain_net: str | Path | nn.Module | None = None
         if domain_net is None:
             raise ValueError("perceptual 'domain' needs domain_net: a RefNet checkpoint from `iar2 refnet train`")
         if not isinstance(domain_net, nn.Module):
-            from iar2.refnet import load_refnet
-
             domain_net = load_refnet(domain_net)
         return DomainLPIPS(domain_net)
     raise ValueError(f"perceptual kind {kind!r} is not allowed; allowed values: 'lpips_vgg', 'domain', 'none'")

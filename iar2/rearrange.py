@@ -36,8 +36,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from iar2.checkpoint import safe_torch_load
+from iar2.checkpoint import load_meta, load_weights, safe_torch_load, save_weights
+from iar2.cli import nonneg_int, positive_int
+from iar2.config import ConfigError, to_dict
 from iar2.io import atomic_path, atomic_write_json
+from iar2.tokenizer.vq_model import load_vq, vq_meta
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +286,6 @@ def adjacent_distance(x: torch.Tensor, mapping: torch.Tensor | None = None) -> f
 
 def save_mapping(path: str | Path, mapping: torch.Tensor, info: dict) -> None:
     """Our format: `path` (.safetensors with the int64 'mapping') + `path`.json (n_clusters, ...)."""
-    from iar2.checkpoint import save_weights
-
     mapping = check_mapping(mapping)
     save_weights(path, {"mapping": mapping}, {"format": "iar2-codebook-mapping", **info})
 
@@ -306,8 +307,6 @@ def load_mapping(path: str | Path, size: int | None = None) -> tuple[torch.Tenso
     if not path.is_file():
         raise FileNotFoundError(f"mapping file not found: {path} (write one with `iar2 rearrange`)")
     if path.suffix == ".safetensors":
-        from iar2.checkpoint import load_meta, load_weights
-
         mapping = load_weights(path)["mapping"]
         info = load_meta(path) if path.with_suffix(".json").is_file() else {}
     else:
@@ -404,9 +403,6 @@ def write_rearranged_vq(model, out_path: str | Path, level: str, mapping: torch.
 
     `source_meta` (the source's JSON: training config, image size, ...) is carried over, so downstream
     steps (tokenize, eval) read the same settings from the rearranged tokenizer."""
-    from iar2.checkpoint import save_weights
-    from iar2.config import to_dict
-
     meta = {**(source_meta or {}), "model_config": to_dict(model.cfg),
             "rearranged": {"level": level, **(extra_meta or {})}}
     save_weights(out_path, rearranged_state_dict(model, level, mapping), meta)
@@ -415,7 +411,6 @@ def write_rearranged_vq(model, out_path: str | Path, level: str, mapping: torch.
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ weights (.safetensors with its .json)")
     p.add_argument("--clusters", type=positive_int, default=None,
                    help="number of clusters n (must divide the codebook size); IAR: 128")
@@ -429,9 +424,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from iar2.config import ConfigError
-    from iar2.tokenizer.vq_model import load_vq
-
     out = Path(args.out)
     model = load_vq(args.vq)
     level = args.level or default_level(model)
@@ -462,37 +454,10 @@ def run(args) -> int:
     summary.update(level=level, vq=str(args.vq), codebook_size=n_codes)
     save_mapping(out / "mapping.safetensors", mapping, summary)
     save_mapping_iar(out / "mapping.pt", mapping)
-    from iar2.tokenize import vq_meta
-
     write_rearranged_vq(model, out / "vq.safetensors", level, mapping,
                         {"source": str(args.vq), "n_clusters": summary["n_clusters"], "seed": args.seed},
                         source_meta=vq_meta(args.vq))
     atomic_write_json(out / "summary.json", summary)
     log.info("inertia %.4f (index order %.4f, random balanced %s); wrote %s", summary["inertia"],
              summary["inertia_before"], summary.get("inertia_random", "n/a"), out)
-    return 0
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
-    p.add_argument("--codes", type=positive_int, nargs="+", default=[16384], help="codebook sizes N")
-    p.add_argument("--dim", type=positive_int, default=8)
-    p.add_argument("--clusters", type=positive_int, default=128)
-    p.add_argument("--max-iter", type=positive_int, default=100)
-    p.add_argument("--seed", type=nonneg_int, default=0)
-
-
-def run_bench(args) -> int:
-    for n in args.codes:
-        g = torch.Generator().manual_seed(args.seed)
-        codes = F.normalize(torch.randn(n, args.dim, generator=g), dim=1)
-        cpu = time.process_time()
-        r = rearrange_codebook(codes, args.clusters, seed=args.seed, max_iter=args.max_iter)
-        cpu = time.process_time() - cpu
-        print(f"balanced k-means N={n} D={args.dim} clusters={args.clusters}: {r.seconds:.2f} s wall "
-              f"({cpu:.2f} s CPU), "
-              f"{r.iterations} iterations ({r.seconds / max(r.iterations, 1):.3f} s/it), converged={r.converged}, "
-              f"inertia {r.inertia:.2f} vs random balanced {r.inertia_random:.2f}")
     return 0

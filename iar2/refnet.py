@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from iar2.checkpoint import check_finite, load_meta, load_weights, save_weights
-from iar2.training import NonFiniteGuard, grad_norm
 from iar2.config import from_dict, to_dict
+from iar2.distributed import DistInfo
+from iar2.training import Job, Loop, NonFiniteGuard, grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,39 @@ def evaluate_accuracy(net: RefNet, dataset, batch_size: int = 256, num_workers: 
     return correct / max(total, 1)
 
 
+class RefNetSteps(Job):
+    """One training step of the reference network for the shared loop (iar2/training.py): cross-entropy with label
+    smoothing, AdamW, the LR schedule stepped every step. It trains in one go, without checkpoints."""
+
+    progress_keys = ("loss", "train_acc")
+
+    def __init__(self, net: RefNet, opt: torch.optim.Optimizer, sched, label_smoothing: float):
+        self.net, self.opt, self.sched, self.label_smoothing = net, opt, sched, label_smoothing
+        # nothing to resume from: a non-finite step stops the run, naming the step
+        self.guard = NonFiniteGuard(0, what="refnet train")
+        self.guard.last_checkpoint = "none (the reference network trains in one go; rerun the job)"
+        self.loss, self.correct, self.seen = math.nan, 0, 0
+
+    def train_step(self, step: int, micro: list) -> None:
+        (x, y), = micro
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.guard.allow(step + 1, float(loss.detach()), "loss") and \
+                self.guard.allow(step + 1, grad_norm(self.net.parameters())):
+            self.opt.step()
+        self.sched.step()
+        self.loss = loss.item()
+        self.correct += (logits.argmax(1) == y).sum().item()
+        self.seen += y.numel()
+
+    def pop_metrics(self, step: int, steps_per_s: float) -> dict[str, float]:
+        out = {"loss": self.loss, "train_acc": self.correct / self.seen}
+        self.correct = self.seen = 0
+        return out
+
+
 def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed: int = 0,
                  batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 0.05,
                  input_size: int = 64, widths: tuple[int, ...] = (16, 32, 64, 128), blocks: int = 1,
@@ -194,26 +227,8 @@ def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed
     log.info("training RefNet %s on %s: %d steps, batch %d, %d params", cfg, data_root, steps, batch_size,
              sum(p.numel() for p in net.parameters()))
     net.train()
-    # the reference network trains in one go (no checkpoints): a non-finite step stops it, naming the step
-    guard = NonFiniteGuard(0, what="refnet train")
-    guard.last_checkpoint = "none (the reference network trains in one go; rerun the job)"
-    t0, it = time.time(), batches()
-    correct = seen = 0
-    bar = tqdm(range(steps), desc="refnet", unit="step")
-    for step in bar:
-        x, y = next(it)
-        logits = net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if guard.allow(step + 1, float(loss.detach()), "loss") and guard.allow(step + 1, grad_norm(net.parameters())):
-            opt.step()
-        sched.step()
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += y.numel()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{correct / seen:.3f}")
-            correct = seen = 0
+    t0 = time.time()
+    Loop(RefNetSteps(net, opt, sched, label_smoothing), DistInfo(), desc="refnet", log_every=50).run(batches(), steps)
     train_time = time.time() - t0
     val_acc = evaluate_accuracy(net, val_ds)
     meta = {"model_config": to_dict(cfg), "classes": train_ds.classes, "val_accuracy": val_acc,
@@ -231,28 +246,37 @@ def train_refnet(data_root: str | Path, out: str | Path, steps: int = 2000, seed
 
 # ----------------------------------------------------------------------------- CLI: iar2 refnet train
 
+@dataclass
+class RefNetRunConfig:
+    """Settings of `iar2 refnet train`: a --config file or the flags of the same names (iar2.cli)."""
+    steps: int = field(default=2000, metadata={"min": 1, "help": "optimisation steps"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "random seed (init, shuffling, augmentation)"})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    lr: float = field(default=2e-3, metadata={"gt": 0.0, "help": "AdamW peak learning rate (warmup, cosine decay)"})
+    weight_decay: float = field(default=0.05, metadata={"min": 0.0})
+    input_size: int = field(default=64, metadata={"min": 1, "help": "resolution the network sees"})
+    widths: tuple[int, ...] = field(default=(16, 32, 64, 128), metadata={"min": 1, "help": "channels per stage"})
+    blocks: int = field(default=1, metadata={"min": 1, "help": "residual blocks per stage"})
+    crop_min: float = field(default=0.6, metadata={"gt": 0.0, "max": 1.0,
+                                                   "help": "random-crop fraction of the short side (min)"})
+    workers: int = field(default=0, metadata={"min": 0, "help": "DataLoader workers"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float  # ranged types
+    from iar2.cli import add_config_arguments
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
     p.add_argument("--out", required=True, help="output weights (.safetensors; metadata .json beside it)")
-    p.add_argument("--steps", type=positive_int, default=2000, help="optimisation steps")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (init, shuffling, augmentation)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW peak learning rate (warmup, cosine decay)")
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.05)
-    p.add_argument("--input-size", type=positive_int, default=64, help="resolution the network sees")
-    p.add_argument("--widths", type=positive_int, nargs="+", default=[16, 32, 64, 128], help="channels per stage")
-    p.add_argument("--blocks", type=positive_int, default=1, help="residual blocks per stage")
-    p.add_argument("--crop-min", type=unit_float, default=0.6, help="random-crop fraction of the short side (min)")
-    p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader workers")
     p.add_argument("--report", default=None, help="`iar2 data check` report (bad files excluded)")
+    add_config_arguments(p, RefNetRunConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    from iar2.cli import load_run_config
     if not str(args.out).endswith(".safetensors"):
         print(f"iar2: --out must end with .safetensors (got {args.out})", file=sys.stderr)
         return 2
-    train_refnet(args.data, args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                 weight_decay=args.weight_decay, input_size=args.input_size, widths=tuple(args.widths),
-                 blocks=args.blocks, crop_min=args.crop_min, num_workers=args.workers, report=args.report)
+    cfg = load_run_config(RefNetRunConfig, args)
+    train_refnet(args.data, args.out, steps=cfg.steps, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr,
+                 weight_decay=cfg.weight_decay, input_size=cfg.input_size, widths=tuple(cfg.widths),
+                 blocks=cfg.blocks, crop_min=cfg.crop_min, num_workers=cfg.workers, report=args.report)
     return 0

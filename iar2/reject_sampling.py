@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from iar2.checkpoint import safe_torch_load
+from iar2.refnet import load_refnet
+from iar2.weights import find_weight
 
 
 class Scorer:
@@ -22,15 +24,11 @@ class Scorer:
     def __init__(self, kind: str, domain_net: str | None = None, weights_dir: str | None = None, device="cpu"):
         self.kind, self.device = kind, torch.device(device)
         if kind == "domain":
-            from iar2.refnet import load_refnet
-
             if not domain_net:
                 raise FileNotFoundError("reject.classifier 'domain' needs reject.domain_net (`iar2 refnet train`)")
             self.net = load_refnet(domain_net, self.device)
         elif kind == "resnet50":
-            import torchvision
-
-            from iar2.weights import find_weight
+            import torchvision  # only for this classifier: a slow import
 
             self.net = torchvision.models.resnet50()
             path = find_weight("resnet50", weights_dir)

@@ -18,7 +18,6 @@ import argparse
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,32 +26,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from iar2 import fingerprint
-from iar2.ar.generate import SamplingConfig, generate, sampling_autocast
+from iar2.ar.generate import generate, sampling_autocast
 from iar2.config import config_hash, load_config, to_dict
 from iar2.io import atomic_path, atomic_write_json
+from iar2.sample_config import SampleRunConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RejectConfig:
-    factor: int = field(default=1, metadata={"min": 1})  # candidates per kept sample; 1 = no reject sampling
-    classifier: str = field(default="domain", metadata={"choices": ["domain", "resnet50"]})
-    domain_net: str | None = None
-    weights_dir: str | None = None
-
-
-@dataclass
-class SampleRunConfig:
-    per_class: int = field(default=50, metadata={"min": 1})  # the paper protocol: 50 x 1000 classes
-    num_classes: int | None = field(default=None, metadata={"min": 1})  # default: the model's
-    classes: list[int] | None = None  # only these classes (sample grids); default: all
-    batch_size: int = field(default=32, metadata={"min": 1})
-    chunk_size: int = field(default=1000, metadata={"min": 1})
-    eval_size: int | None = field(default=None, metadata={"min": 8})  # resize to this side (bicubic)
-    precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    reject: RejectConfig = field(default_factory=RejectConfig)  # classifier-scored reject sampling (iar2/reject_sampling.py)
 
 
 def decode_to_uint8(vq, tokens: torch.Tensor, grid: int, eval_size: int | None) -> torch.Tensor:

@@ -118,6 +118,15 @@ class GenMetrics:
 
 
 @dataclass(frozen=True)
+class Diagnosis:
+    """The AR runs the report's Diagnosis section takes apart (workflow/rules/diagnosis.smk)."""
+    runs: list[str]
+    scales: list[float] = field(default_factory=lambda: [2.0])  # static CFG scales besides none
+    per_class: int = 10
+    max_images: int = 200
+
+
+@dataclass(frozen=True)
 class ResourceSpec:
     gpu: int | None = None
     nodes: int | None = None
@@ -141,6 +150,7 @@ class Resources:
     tokenize: ResourceSpec | None = None
     rearrange: ResourceSpec | None = None
     code_distance: ResourceSpec | None = None
+    diagnose: ResourceSpec | None = None
     time_match: ResourceSpec | None = None
     sample: ResourceSpec | None = None
     gen_metrics: ResourceSpec | None = None
@@ -180,6 +190,7 @@ class Scale:
     restrict: dict[str, list] = field(default_factory=dict)  # sweep variable -> values kept (iar2.registry)
     tokenize: Tokenize = field(default_factory=Tokenize)
     code_distance: CodeDistance = field(default_factory=CodeDistance)
+    diagnosis: Diagnosis | None = None  # None: no diagnosis stage
     resources: Resources = field(default_factory=Resources)
     experiments: dict = field(default_factory=dict)  # an overlay of params/experiments.yaml
 

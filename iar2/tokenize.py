@@ -31,8 +31,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +41,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from iar2.cli import add_config_arguments, load_run_config, positive_int
 from iar2.config import config_hash, to_dict
+from iar2.data.imagefolder import ImageFolderDataset, data_digest, listing_fingerprint
+from iar2.data.transforms import EpochSeeded, center_crop_arr
+from iar2.distributed import pick_device
+from iar2.fingerprint import FORMAT
 from iar2.io import atomic_write_json, read_json
+from iar2.tokenizer.vq_model import default_image_size, load_vq
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +75,6 @@ class CenterCropUInt8:
         self.size = size
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        from iar2.data.transforms import center_crop_arr
-
         return torch.from_numpy(np.array(center_crop_arr(img, self.size))).permute(2, 0, 1)  # own, writable copy
 
     def __repr__(self) -> str:
@@ -117,40 +120,6 @@ def vq_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def vq_meta(path: str | Path) -> dict:
-    """The JSON that accompanies a VQ weights file or checkpoint folder ({} if none)."""
-    p = Path(path)
-    j = p / "meta.json" if p.is_dir() else p.with_suffix(".json")
-    return read_json(j) if j.is_file() else {}
-
-
-def default_image_size(path: str | Path) -> int | None:
-    """The image size a VQ was trained at, if its metadata says so."""
-    m = vq_meta(path)
-    if isinstance(m.get("image_size"), int):
-        return m["image_size"]
-    for key in ("config", "train_config"):  # a checkpoint folder's meta / an exported vq.json
-        data = (m.get(key) or {}).get("data") or {}
-        if data.get("image_size"):
-            return data["image_size"]
-    return None
-
-
-def vocab_sizes(model) -> list[int]:
-    c = model.cfg
-    return [c.codebook_size] if c.quantizer == "single" else [c.semantic_size, c.detail_size]
-
-
-def level_names(model) -> list[str]:
-    return ["single"] if model.cfg.quantizer == "single" else ["semantic", "detail"]
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # ----------------------------------------------------------------------------- tokenization
 
 def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: str | Path, aug: str = "flip",
@@ -159,10 +128,6 @@ def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: st
              max_images: int | None = None, max_chunks: int | None = None) -> dict | None:
     """Encode `data_root/split` into `out_dir` (module doc). Returns meta.json's content when complete, or
     None when stopped early by `max_chunks` (used to simulate a killed run)."""
-    from iar2.data.imagefolder import ImageFolderDataset, data_digest, listing_fingerprint
-    from iar2.fingerprint import FORMAT
-    from iar2.tokenizer.vq_model import load_vq
-
     if aug not in AUGMENTATIONS:
         raise ValueError(f"aug {aug!r}: allowed values: {', '.join(map(repr, AUGMENTATIONS))}")
     if crop_range < 1.0:
@@ -174,7 +139,7 @@ def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: st
     if not image_size:
         raise ValueError(f"{vq_path}: its metadata does not record the image size; pass --image-size")
     side = model.grid(image_size)
-    levels, vocabs = len(level_names(model)), vocab_sizes(model)
+    levels, vocabs = len(model.level_names()), model.vocab_sizes()
     dtype = np.uint16 if max(vocabs) <= 65536 else np.int32
     chunk = max(batch_size, (chunk_size // batch_size) * batch_size)  # whole batches per chunk
 
@@ -242,7 +207,7 @@ def tokenize(vq_path: str | Path, data_root: str | Path, split: str, out_dir: st
         "shape": list(shape), "dtype": np.dtype(dtype).name,
         "num_images": n, "num_augmentations": num_aug, "augmentations": list(AUGMENTATIONS[aug]),
         "aug": aug, "crop_range": signature["crop_range"], "image_size": image_size,
-        "grid": [side, side], "levels": level_names(model), "vocab_sizes": vocabs,
+        "grid": [side, side], "levels": model.level_names(), "vocab_sizes": vocabs,
         "vq": str(vq_path), "vq_fingerprint": signature["vq_fingerprint"],
         "vq_config": to_dict(model.cfg), "vq_config_hash": config_hash(model.cfg),
         "data_root": str(data_root), "split": split, "classes": ds.classes, "num_classes": len(ds.classes),
@@ -284,7 +249,7 @@ def _encode_rows(model, ds, aug, image_size, codes, labels, start, chunk, batch_
 
 # ----------------------------------------------------------------------------- reader
 
-class TokenDataset(torch.utils.data.Dataset):
+class TokenDataset(EpochSeeded, torch.utils.data.Dataset):
     """Codes written by `iar2 tokenize`, memory-mapped: item i -> (codes (levels, h*w) long, label int).
 
     The augmentation of each item is drawn at random: by `get(i, generator)` from a given generator, or by
@@ -320,13 +285,6 @@ class TokenDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def generator(self, index: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
     def __len__(self) -> int:
         return self.codes.shape[0]
 
@@ -341,101 +299,43 @@ class TokenDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- CLI
 
+@dataclass
+class TokenizeConfig:
+    """Settings of `iar2 tokenize`: a --config file or the flags of the same names (iar2.cli.add_config_arguments)."""
+    split: str = field(default="train", metadata={"help": "split to encode"})
+    aug: str = field(default="flip", metadata={
+        "choices": tuple(AUGMENTATIONS),
+        "help": "none: centre crop; flip: + horizontal flip (2); tencrop: LlamaGen ten-crop (10)"})
+    crop_range: float = field(default=1.1, metadata={
+        "min": 1.0, "help": "tencrop: centre crop at image_size * crop_range before the ten-crop (LlamaGen 1.1 / 1.05)"})
+    image_size: int | None = field(default=None, metadata={
+        "min": 1, "help": "image size (default: the VQ's training size)"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "source images per encoder call"})
+    chunk_size: int = field(default=1024, metadata={
+        "min": 1, "help": "images per durable chunk (rounded to whole batches); a resumed run restarts at a chunk"})
+    max_images: int | None = field(default=None, metadata={
+        "min": 1, "help": "encode only the first N images (smoke tests)"})
+    num_workers: int = field(default=0, metadata={"min": 0, "help": "DataLoader workers decoding images"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import float_min, nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ tokenizer (.safetensors with its .json, or a checkpoint folder)")
     p.add_argument("--data", required=True, help="ImageFolder root holding <split>/<class>/<images>")
-    p.add_argument("--split", default="train", help="split to encode (default: train)")
     p.add_argument("--out", required=True, help="output folder (codes.npy, labels.npy, meta.json)")
-    p.add_argument("--aug", choices=list(AUGMENTATIONS), default="flip",
-                   help="none: centre crop; flip: + horizontal flip (2); tencrop: LlamaGen ten-crop (10)")
-    p.add_argument("--crop-range", type=float_min(1.0), default=1.1,
-                   help="tencrop: centre crop at image_size * crop_range before the ten-crop (LlamaGen 1.1 / 1.05)")
-    p.add_argument("--image-size", type=positive_int, default=None, help="image size (default: the VQ's training size)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="source images per encoder call")
-    p.add_argument("--chunk-size", type=positive_int, default=1024,
-                   help="images per durable chunk (rounded to whole batches); a resumed run restarts at a chunk")
-    p.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last chunk")
     p.add_argument("--report", default=None,
                    help="`iar2 data check` report: exclude its bad images without decoding everything first")
-    p.add_argument("--max-images", type=positive_int, default=None, help="encode only the first N images (smoke tests)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last chunk")
     p.add_argument("--max-chunks", type=positive_int, default=None, help="stop after N chunks (testing resumption)")
-    p.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader workers decoding images")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    add_config_arguments(p, TokenizeConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    meta = tokenize(args.vq, args.data, args.split, args.out, aug=args.aug, crop_range=args.crop_range,
-                    image_size=args.image_size, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                    resume=args.resume, device=args.device, num_workers=args.num_workers, report=args.report,
-                    max_images=args.max_images, max_chunks=args.max_chunks)
+    cfg = load_run_config(TokenizeConfig, args)
+    meta = tokenize(args.vq, args.data, cfg.split, args.out, aug=cfg.aug, crop_range=cfg.crop_range,
+                    image_size=cfg.image_size, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
+                    resume=args.resume, device=cfg.device, num_workers=cfg.num_workers, report=args.report,
+                    max_images=cfg.max_images, max_chunks=args.max_chunks)
     if meta is None:
         log.info("stopped early; rerun with --resume to finish")
-    return 0
-
-
-# ----------------------------------------------------------------------------- benchmark: iar2 bench tokenize
-
-# The small-scale tokenizer (32 px, downsample 4, ~0.35M parameters), used when no --vq is given.
-SMALL_VQ = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 32, "embed_dim": 8, "norm_groups": 8,
-            "quantizer": "semantic_detail", "semantic_size": 16, "detail_size": 256}
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import positive_int  # argparse types with a range
-    p.add_argument("--vq", default=None, help="VQ to benchmark (default: a random small-scale dual VQ)")
-    p.add_argument("--data", default=None, help="ImageFolder root (default: a built-in dataset made in a temp dir)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--image-size", type=positive_int, default=32)
-    p.add_argument("--images", type=positive_int, default=256, help="images per measurement")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--augs", nargs="+", choices=list(AUGMENTATIONS), default=list(AUGMENTATIONS))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="also write the figures as JSON")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from iar2.checkpoint import save_weights
-    from iar2.config import from_dict
-    from iar2.tokenizer.config import VQModelConfig
-    from iar2.tokenizer.vq_model import VQModel
-
-    tmp = Path(tempfile.mkdtemp(prefix="iar2-bench-tokenize-"))
-    try:
-        vq = args.vq
-        if vq is None:
-            torch.manual_seed(0)
-            cfg = from_dict(VQModelConfig, SMALL_VQ)
-            vq = tmp / "vq.safetensors"
-            save_weights(vq, VQModel(cfg).state_dict(), {"model_config": to_dict(cfg), "image_size": args.image_size})
-        data = args.data
-        if data is None:
-            from iar2.data.builtin import make_builtin
-
-            per_class = max(1, -(-args.images // 10))
-            data = make_builtin(tmp / "data", num_classes=10, train_per_class=per_class, val_per_class=1,
-                                size=args.image_size, seed=0)
-        rows = []
-        for aug in args.augs:
-            t0 = time.perf_counter()
-            meta = tokenize(vq, data, args.split, tmp / f"codes-{aug}", aug=aug, image_size=args.image_size,
-                            batch_size=args.batch_size, chunk_size=args.images, device=args.device,
-                            max_images=args.images)
-            dt = time.perf_counter() - t0
-            n = meta["num_images"]
-            rows.append({"aug": aug, "images": n, "seconds": dt, "images_per_s": n / dt,
-                         "encoded_views_per_s": n * meta["num_augmentations"] / dt})
-        base = rows[0]["images_per_s"]
-        print(f"tokenization, {args.image_size} px, batch {args.batch_size}, device {pick_device(args.device)}")
-        print(f"{'aug':>8} {'images':>7} {'img/s':>9} {'views/s':>9} {'rel. to ' + rows[0]['aug']:>12}")
-        for r in rows:
-            r["relative"] = r["images_per_s"] / base
-            print(f"{r['aug']:>8} {r['images']:>7} {r['images_per_s']:9.1f} {r['encoded_views_per_s']:9.1f} "
-                  f"{r['relative']:12.2f}")
-        if args.out:
-            atomic_write_json(args.out, {"benchmark": "tokenize", "image_size": args.image_size,
-                                         "batch_size": args.batch_size, "device": str(pick_device(args.device)),
-                                         "results": rows})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return 0

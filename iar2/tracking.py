@@ -32,6 +32,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from tqdm import tqdm
+
 from iar2.io import atomic_path, atomic_write_json, check_writable
 
 log = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ def _store_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    import fcntl  # POSIX only, and needed only for a SQLite store
 
     db = Path(uri[len("sqlite:///"):])
     check_writable(db.parent, "MLflow store folder")
@@ -262,7 +264,6 @@ def sync(spool: str | Path, uri: str | None = None) -> int:
     if not records:
         return 0
     from mlflow.tracking import MlflowClient
-    from tqdm import tqdm
 
     uri = uri or os.environ["MLFLOW_TRACKING_URI"]
     with _store_lock(uri):

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import torch
 
-from iar2.ar.train import ARRunConfig
+from iar2.ar.config import ARRunConfig
 from iar2.checkpoint import save_weights
 from iar2.config import deep_merge, from_dict, to_dict
 from iar2.tokenizer.config import TokenizerRunConfig, VQModelConfig

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from iar2.ar.train import ARRunConfig, load_ar, train
+from iar2.ar.config import ARRunConfig
+from iar2.ar.train import load_ar, train
 from iar2.training import NonFiniteError
 from iar2.checkpoint import load_weights
 from iar2.config import ConfigError, from_dict

@@ -284,3 +284,19 @@ def test_iterating_a_dataset_ends(tiny_data):
 
     ds = ImageFolderDataset(tiny_data, "val", None)
     assert sum(1 for _ in ds) == len(ds) == 40
+
+
+def test_one_per_sample_generator_for_images_and_tokens(tiny_data, tmp_path):
+    """Both datasets draw from sample_generator; its seeds are those the datasets used before it was shared."""
+    from iar2.data.transforms import sample_generator
+    from iar2.tokenize import TokenDataset
+    from helpers import make_tokens
+
+    # (seed, epoch, index) -> the generator's seed, as recorded before the two copies became one
+    assert sample_generator(0, 0, 0).initial_seed() == 12750949206108985319
+    assert sample_generator(3, 1, 17).initial_seed() == 16286222169794638651
+    images = ImageFolderDataset(tiny_data, "train", seed=3)
+    tokens = TokenDataset(make_tokens(tmp_path / "tok"), seed=3)
+    for ds in (images, tokens):
+        ds.set_epoch(1)
+        assert ds.generator(17).initial_seed() == 16286222169794638651

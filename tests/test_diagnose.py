@@ -1,4 +1,4 @@
-"""`iar2 diagnose`: entropies and perplexities of known histograms, teacher-forced statistics of constructed models,
+"""`iar2 diagnose`: conditional entropies, teacher-forced statistics of constructed models,
 the conditional/unconditional gap of a model without class information, repetition and flatness measures, the
 tokenizer and AR reports end to end on tiny models, and the training-budget summary."""
 import json
@@ -10,23 +10,13 @@ import torch
 
 from iar2.checkpoint import save_weights
 from iar2.config import to_dict
-from iar2.diagnose import (budget_report, conditional_entropy, constant_maps, flat_fraction, histogram_stats,
-                           tokenizer_report)
+from iar2.diagnose import budget_report, conditional_entropy, constant_maps, flat_fraction, tokenizer_report
 from iar2.diagnose_ar import (data_entropies, repetition_stats, sample_config, sample_set, teacher_forced,
                               unseen_rates)
 from helpers import tiny_vq
 from test_ar_model import tiny
 
 # ----------------------------------------------------------------------------- histograms and entropies
-
-
-def test_perplexity_of_known_histograms():
-    s = histogram_stats([5, 5, 5, 5, 0, 0, 0, 0])
-    assert s["perplexity"] == pytest.approx(4.0) and s["usage"] == 0.5 and s["codes_used"] == 4
-    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    s = histogram_stats([3, 1])
-    assert s["entropy"] == pytest.approx(h) and s["perplexity"] == pytest.approx(math.exp(h))
-    assert histogram_stats([7, 0, 0])["perplexity"] == pytest.approx(1.0)  # a collapsed codebook
 
 
 def test_conditional_entropy_limits():

@@ -26,7 +26,8 @@ from iar2.ar.train import train
 from iar2.checkpoint import save_weights
 from iar2.config import ConfigError, from_dict, load_config, to_dict
 from iar2.registry import load_plan, load_yaml
-from iar2.sample import SampleRunConfig, sample_run
+from iar2.sample import sample_run
+from iar2.sample_config import SampleRunConfig
 from iar2.tokenizer.config import VQModelConfig
 from iar2.tokenizer.vq_model import VQModel
 from iar2.training import NonFiniteError

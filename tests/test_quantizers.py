@@ -1,4 +1,4 @@
-"""Quantiser maths against direct computation: argmin, residual sum, losses, straight-through, gradients, usage."""
+"""Quantiser maths against direct computation: argmin, residual sum, losses, straight-through, gradients."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from iar2.tokenizer.semantic_detail_quantizer import (SemanticDetailQuantizer, SingleQuantizer,
-                                                      UnassociatedDualQuantizer, codebook_usage, nearest_code)
+                                                      UnassociatedDualQuantizer, nearest_code)
 
 
 def _latent(seed: int = 0, b: int = 2, c: int = 8, h: int = 4, w: int = 5) -> torch.Tensor:
@@ -241,23 +241,3 @@ def test_unassociated_quantises_channel_halves_independently():
     torch.testing.assert_close(q.lookup(out.indices), out.z_q)
     with pytest.raises(ValueError, match="mode"):
         q(h, mode="semantic")
-
-
-# ----------------------------------------------------------------------------- usage
-
-def test_usage_fraction_and_perplexity():
-    u = codebook_usage(torch.tensor([0, 0, 1, 1]), 4, "single")
-    assert u["single_usage"].item() == pytest.approx(0.5)
-    assert u["single_perplexity"].item() == pytest.approx(2.0)
-    idx = torch.randint(0, 50, (1000,), generator=torch.Generator().manual_seed(0))
-    u = codebook_usage(idx, 64, "detail")
-    p = torch.tensor([(idx == i).float().mean() for i in range(64)])
-    ent = -(p[p > 0] * p[p > 0].log()).sum()
-    assert u["detail_usage"].item() == pytest.approx(len(idx.unique()) / 64)
-    assert u["detail_perplexity"].item() == pytest.approx(ent.exp().item(), rel=1e-5)
-
-
-def test_forward_reports_usage_per_codebook():
-    assert set(_dual()(_latent()).usage) == {"semantic_usage", "semantic_perplexity", "detail_usage",
-                                              "detail_perplexity"}
-    assert set(SingleQuantizer(16, 8)(_latent()).usage) == {"single_usage", "single_perplexity"}

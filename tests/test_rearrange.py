@@ -273,8 +273,10 @@ def test_cli_rearrange_and_apply_iar_mapping(tmp_path):
 def test_bench_runs_and_reports(capsys):
     import argparse
 
+    from iar2.bench import kmeans
+
     p = argparse.ArgumentParser()
-    R.add_bench_arguments(p)
-    assert R.run_bench(p.parse_args(["--codes", "256", "--clusters", "8", "--max-iter", "5"])) == 0
+    kmeans.add_bench_arguments(p)
+    assert kmeans.run_bench(p.parse_args(["--codes", "256", "--clusters", "8", "--max-iter", "5"])) == 0
     out = capsys.readouterr().out
     assert "N=256" in out and "iterations" in out and "random balanced" in out

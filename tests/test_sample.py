@@ -6,7 +6,8 @@ import torch
 from iar2.ar.model import ARModel, ARModelConfig
 from iar2.checkpoint import save_weights
 from iar2.config import from_dict, load_config, to_dict
-from iar2.sample import SampleRunConfig, sample_run
+from iar2.sample import sample_run
+from iar2.sample_config import SampleRunConfig
 from iar2.tokenizer.config import VQModelConfig
 from iar2.tokenizer.vq_model import VQModel
 

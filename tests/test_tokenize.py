@@ -185,7 +185,7 @@ def test_token_dataset_needs_complete_folder(tiny_data, vqs, tmp_path):
 def test_bench_tokenize(tmp_path, capsys):
     import argparse
 
-    from iar2.tokenize import add_bench_arguments, run_bench
+    from iar2.bench.tokenize import add_bench_arguments, run_bench
 
     p = argparse.ArgumentParser()
     add_bench_arguments(p)

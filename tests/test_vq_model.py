@@ -136,3 +136,33 @@ def test_load_vq_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_vq(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------- levels and metadata
+
+@pytest.mark.parametrize("quantizer, names, sizes", [("single", ["single"], [64]),
+                                                      ("semantic_detail", ["semantic", "detail"], [16, 64]),
+                                                      ("unassociated_dual", ["semantic", "detail"], [16, 64])])
+def test_levels_and_vocab_sizes_follow_the_index_layout(quantizer, names, sizes):
+    model = tiny_vq(quantizer)
+    assert model.level_names() == names and model.vocab_sizes() == sizes
+    idx = model.encode_indices(random_images(2))
+    levels = idx[:, None] if idx.dim() == 3 else idx  # (B, levels, h, w)
+    assert levels.shape[1] == len(names)
+    assert all(int(levels[:, i].max()) < v for i, v in enumerate(sizes))
+    for name in names:  # the names are the levels codebook_vectors accepts
+        assert model.codebook_vectors(name).shape[0] == sizes[names.index(name)]
+
+
+def test_metadata_of_a_weights_file_and_a_checkpoint_folder(tmp_path):
+    from helpers import save_tiny_vq
+    from iar2.tokenizer.vq_model import default_image_size, vq_meta
+
+    path = save_tiny_vq(tmp_path / "vq.safetensors", image_size=32)
+    assert vq_meta(path)["image_size"] == 32 and default_image_size(path) == 32
+    assert default_image_size(path.with_suffix(".json")) == 32
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"config": {"data": {"image_size": 24}}}')
+    assert default_image_size(folder) == 24
+    assert vq_meta(tmp_path / "none.safetensors") == {} and default_image_size(tmp_path / "none.safetensors") is None

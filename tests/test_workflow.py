@@ -124,6 +124,12 @@ def test_ci_scale_runs_end_to_end(ci_run, tmp_path):
     summary = json.loads((res / "summary.json").read_text())
     assert summary["ar/iar2-B-24/e300/pag-1.75-3.0.fid"] > 0
     assert (ci_run / "reports" / "ci" / "index.html").is_file() and (ci_run / "reports" / "ci" / "claims.md").is_file()
+    # the Diagnosis section from the rules' real `iar2 diagnose` outputs (params/ci.yaml names two runs)
+    diag = json.loads((res / "diagnose" / "ar-iar2-B-16.json").read_text())
+    assert diag["levels"] == ["semantic", "detail"] and diag["teacher_forced"]["heldout"]["detail"]["ce"] > 0
+    md = (ci_run / "reports" / "ci" / "report.md").read_text()
+    assert "## Diagnosis" in md and "llamagen-B-16 single: held-out CE" in md
+    assert (ci_run / "reports" / "ci" / "diagnosis" / "ar-iar2-B-16.png").is_file()
     # Snakemake's own report from the report()-tagged outputs (a zip: the rendered report is a folder)
     import zipfile
 

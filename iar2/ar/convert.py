@@ -21,6 +21,7 @@ import torch
 from iar2.ar.gpt import SIZES
 from iar2.ar.model import ARModel, ARModelConfig
 from iar2.checkpoint import load_meta, load_weights, save_weights
+from iar2.cli import nonneg_int, positive_int
 from iar2.config import from_dict, to_dict
 from iar2.io import atomic_path
 from iar2.tokenizer.convert import read_original
@@ -108,7 +109,6 @@ def export_original(src, out) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("src", help="original checkpoint (.pt/.pth), or with --export-original our .safetensors")
     p.add_argument("out", help="output .safetensors (+ .json), or with --export-original the .pt to write")
     p.add_argument("--grid", type=positive_int, default=None,

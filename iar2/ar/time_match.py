@@ -47,7 +47,8 @@ def seconds_per_step(cfg, steps: int, warmup: int) -> float:
 
 
 def time_match(config: str, reference: str, steps: int = 8, warmup: int = 2) -> dict:
-    from iar2.ar.train import ARRunConfig, steps_per_epoch
+    from iar2.ar.config import ARRunConfig
+    from iar2.ar.train import steps_per_epoch
     from iar2.tokenize import TokenDataset
 
     cfg = from_dict(ARRunConfig, yaml.safe_load(Path(config).read_text()))

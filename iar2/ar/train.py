@@ -18,75 +18,22 @@ import argparse
 import json
 import logging
 import math
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn as nn
-import yaml
-from tqdm import tqdm
 
+from iar2.ar.config import ARRunConfig, ARTrainConfig
 from iar2.ar.model import ARModel, ARModelConfig
 from iar2 import fingerprint
-from iar2.checkpoint import (auto_resume_checkpoint, check_finite, load_checkpoint, load_newest_good, save_checkpoint,
-                             save_weights)
+from iar2.checkpoint import load_checkpoint, save_weights
 from iar2.config import ConfigError, config_hash, load_config, to_dict
-from iar2.distributed import DistInfo, StepSampler, barrier, init_distributed, mix_seed, no_sync, unwrap, wrap_ddp
-from iar2.io import atomic_write_text
-from iar2.training import NonFiniteError, NonFiniteGuard, grad_norm
+from iar2.distributed import DistInfo, init_distributed, mix_seed, no_sync, unwrap, wrap_ddp
+from iar2.training import (UNBOUNDED, Job, Loop, NonFiniteGuard, checkpoint_to_resume, grad_norm, step_batches,
+                           tracked)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ARTrainConfig:
-    tokens: str = ""  # folder written by `iar2 tokenize`
-    epochs: float | None = field(default=300.0, metadata={"min": 0.0})
-    steps: int | None = field(default=None, metadata={"min": 1})  # overrides epochs when set
-    max_minutes: float | None = field(default=None, metadata={"min": 0.0})  # equal-time budget (Tables 5, 6)
-    batch_size: int = field(default=256, metadata={"min": 1})  # global batch
-    grad_accum: int = field(default=1, metadata={"min": 1})
-    lr: float = field(default=1e-4, metadata={"min": 0.0, "max": 1.0})
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    lr_end: float = field(default=0.0, metadata={"min": 0.0})  # cosine: final LR (Table 11: 1.5e-4 -> 5e-5)
-    warmup_steps: int = field(default=0, metadata={"min": 0})
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = field(default=0.05, metadata={"min": 0.0})
-    grad_clip: float = field(default=1.0, metadata={"min": 0.0})
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPUs run fp32
-    compile: bool = False
-    fsdp: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    ckpt_epochs: list[int] = field(default_factory=list)  # named checkpoints after these epochs
-    # Optimizer steps per (nominal) epoch; default: dataset size / batch. The small scales set it to train a few
-    # steps per paper-epoch, and equal-time runs (Tables 5, 6) set it so "100 epochs" lasts as long as the reference.
-    epoch_steps: float | None = field(default=None, metadata={"min": 0.0})
-    ckpt_every: int = field(default=1000, metadata={"min": 1})  # rolling checkpoint (resume)
-    keep_last: int = field(default=2, metadata={"min": 1})
-    log_every: int = field(default=50, metadata={"min": 1})
-    num_workers: int = field(default=0, metadata={"min": 0})
-    # Steps with a NaN/Inf loss or gradient that may be skipped (never applied) before the run stops (iar2/training.py)
-    nonfinite_skips: int = field(default=0, metadata={"min": 0})
-
-    def validate(self, prefix: str = "") -> None:
-        p = f"{prefix}." if prefix else ""
-        if not self.tokens:
-            raise ConfigError(f"{p}tokens: required (the folder written by `iar2 tokenize`)")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(f"{p}batch_size: {self.batch_size} must be a multiple of {p}grad_accum")
-        if self.steps is None and not self.epochs and self.max_minutes is None:
-            raise ConfigError(f"{p}epochs: set epochs, steps or max_minutes (the training budget)")
-
-
-@dataclass
-class ARRunConfig:
-    name: str = "ar"
-    model: ARModelConfig = field(default_factory=ARModelConfig)
-    train: ARTrainConfig = field(default_factory=ARTrainConfig)
 
 
 def check_against_tokens(cfg: ARRunConfig, meta: dict) -> None:
@@ -132,14 +79,20 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-class ARTrainer:
-    def __init__(self, cfg: ARRunConfig, total_steps: int, info: DistInfo | None = None):
+class ARTrainer(Job):
+    """The model, AdamW and one step of an AR run, for the shared loop (iar2/training.py). `spe`: optimizer steps
+    per (nominal) epoch, for the epoch that is logged and checkpointed."""
+
+    def __init__(self, cfg: ARRunConfig, total_steps: int, info: DistInfo | None = None, spe: float = 1.0):
         self.cfg, self.info = cfg, info or init_distributed(cfg.train.device)
         tc, dev = cfg.train, self.info.device
         torch.manual_seed(tc.seed)  # initial weights are a function of the seed
         self.model = ARModel(cfg.model).to(dev)
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        self.total_steps = total_steps
+        self.total_steps, self.spe = total_steps, spe
+        self.tokens_per_step = tc.batch_size * cfg.model.grid ** 2 * (1 if cfg.model.paradigm == "single" else 2)
+        self.flops_peak = peak_flops(dev)
+        self.last: dict[str, float] = {}  # the last step's numbers (what is logged)
         fused = dev.type == "cuda"
         self.opt = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
                                      fused=fused or None)
@@ -166,8 +119,13 @@ class ARTrainer:
             net = wrap_ddp(model, self.info)
         return torch.compile(net) if tc.compile else net
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP across processes: the optimizer state stays sharded, so checkpoints hold the weights only."""
+        return self.cfg.train.fsdp and self.info.distributed
+
     def state_for_checkpoint(self) -> tuple[dict, dict | None]:
-        if self.cfg.train.fsdp and self.info.distributed:
+        if self.sharded:
             from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
 
             with FSDP.state_dict_type(unwrap(self.net), StateDictType.FULL_STATE_DICT,
@@ -206,7 +164,47 @@ class ARTrainer:
         self.opt.zero_grad(set_to_none=True)
         sums["lr"] = self.opt.param_groups[0]["lr"]
         sums["skipped_steps"] = float(self.guard.skipped)
+        self.last = sums
         return sums
+
+    # -- what the shared loop asks of a trainer (iar2/training.py Job)
+
+    def pop_metrics(self, step: int, steps_per_s: float) -> dict[str, float]:
+        metrics = dict(self.last)
+        metrics["tokens_per_s"] = steps_per_s * self.tokens_per_step
+        metrics["epoch"] = step / self.spe
+        if self.flops_peak:
+            metrics["mfu"] = 6 * self.n_params * metrics["tokens_per_s"] / self.info.world_size / self.flops_peak
+        return metrics
+
+    def after_step(self, loop: Loop, step: int) -> None:
+        """A named checkpoint and weights after each epoch of train.ckpt_epochs (Figure 7c, Table 3)."""
+        for e in sorted(set(self.cfg.train.ckpt_epochs)):
+            if _epoch_step(e, self.spe) == step:
+                loop.save(step, name=f"epoch_{e:03d}")
+                self.write_weights(loop.run_dir / f"model_e{e:03d}.safetensors", step)
+
+    def checkpoint_state(self, step: int) -> tuple[dict, dict | None, dict]:
+        sd, opt = self.state_for_checkpoint()
+        return {"model": sd}, {"opt": opt} if opt is not None else None, {"config": to_dict(self.cfg),
+                                                                          "epoch": step / self.spe}
+
+    def load(self, ckpt: Path) -> dict:
+        opt = None if self.sharded else {"opt": self.opt}
+        return load_checkpoint(ckpt, {"model": self.model}, opt, map_location=str(self.info.device))
+
+    def export(self, run_dir: Path, step: int, elapsed: float) -> None:
+        self.write_weights(run_dir / "model.safetensors", step, {"elapsed_s": elapsed})
+
+    def write_weights(self, path: Path, step: int, extra: dict | None = None) -> None:
+        """Model weights for sampling (safetensors + JSON); every process calls it (FSDP gathers), the main one
+        writes."""
+        sd, _ = self.state_for_checkpoint()
+        if self.info.is_main:
+            cfg = self.cfg
+            save_weights(path, sd, {"model_config": to_dict(cfg.model), "run_config": to_dict(cfg),
+                                    "config_hash": config_hash(cfg), "step": step, "epoch": step / self.spe,
+                                    "params": self.n_params, **(extra or {})})
 
 
 # Keys that may differ between a run and its resumption (they do not change the result; the tokens' content is
@@ -230,7 +228,7 @@ def budget_steps(tc: ARTrainConfig, n: int) -> int:
         return tc.steps
     if tc.epochs:
         return max(1, math.ceil(round(tc.epochs * steps_per_epoch(tc, n), 6)))
-    return 10 ** 12  # wall-clock budget only
+    return UNBOUNDED  # wall-clock budget only
 
 
 def _epoch_step(epoch: float, spe: float) -> int:
@@ -244,135 +242,30 @@ def _collate(items):
     return tokens, labels
 
 
-def export(trainer: ARTrainer, path: Path, step: int, epoch: float, extra: dict | None = None) -> None:
-    sd, _ = trainer.state_for_checkpoint()
-    if trainer.info.is_main:
-        cfg = trainer.cfg
-        save_weights(path, sd, {"model_config": to_dict(cfg.model), "run_config": to_dict(cfg),
-                                "config_hash": config_hash(cfg), "step": step, "epoch": epoch,
-                                "params": trainer.n_params, **(extra or {})})
-
-
 def train(cfg: ARRunConfig, run_dir: str | Path, resume: str | None = None, stop_after: int | None = None) -> Path:
-    """Train (or continue) one AR run; returns the exported final weights path. Logs one MLflow run."""
-    from iar2 import tracking
+    """Train (or continue) one AR run; returns the exported final weights path. Logs one MLflow run.
 
-    info = init_distributed(cfg.train.device)
-    with tracking.start_run(cfg.name, params=to_dict(cfg), tags={"job": "ar_train"}, is_main=info.is_main) as mlrun:
-        path = _train(cfg, Path(run_dir), info, mlrun, resume, stop_after)
-        mlrun.log_artifact(Path(run_dir) / "metrics.csv")
-        mlrun.log_artifact(Path(run_dir) / "config.yaml")
-    return path
+    resume: None (start), 'auto' (continue the run's newest checkpoint, if it is of this config and these tokens)
+    or a checkpoint folder. stop_after: end this invocation after that many steps, with a checkpoint."""
+    from iar2.tokenize import TokenDataset  # imports torchvision: only when training
 
-
-def _train(cfg: ARRunConfig, run_dir: Path, info: DistInfo, mlrun, resume: str | None, stop_after: int | None) -> Path:
-    from iar2.tokenize import TokenDataset
-    from iar2.distributed import StepSeededDataset
-    from iar2.tracking import MetricsLogger
-
-    tc = cfg.train
-    data = TokenDataset(tc.tokens, seed=tc.seed)
-    check_against_tokens(cfg, data.meta)
-    n = len(data)
-    total = budget_steps(tc, n)
-    trainer = ARTrainer(cfg, total, info)
-    start, elapsed = 0, 0.0
-    ckpt = None
-    _, opt = trainer.state_for_checkpoint()
-
-    def load(ck: Path) -> dict:
-        return load_checkpoint(ck, {"model": trainer.model}, {"opt": opt} if opt is not None else None,
-                               map_location=str(info.device))
-
-    if resume in (None, "auto"):  # checkpoints of other inputs or of a finished run are set aside, not reused
-        reusable = auto_resume_checkpoint(run_dir, resume_fingerprint(cfg), f"ar train {cfg.name}", info.is_main)
-        found = load_newest_good(run_dir, load) if reusable and resume == "auto" else None
-        ckpt, meta = found if found else (None, None)
-    else:
-        ckpt, meta = Path(resume), load(Path(resume))
-    if ckpt is not None:
-        start, elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
-        trainer.guard.skipped = int(meta.get("nonfinite_skipped", 0))
-        trainer.guard.last_checkpoint = str(ckpt)
-        log.info("resumed %s at step %d (%.1f min trained)", ckpt, start, elapsed / 60)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    logger = MetricsLogger(run_dir / "metrics.csv", resume_step=start if ckpt is not None else None, sinks=[mlrun]) \
-        if info.is_main else None
-
-    sampler = StepSampler(n, tc.batch_size, tc.seed, info.rank, info.world_size, tc.grad_accum,
-                          start_step=start, end_step=total)
-    loader = torch.utils.data.DataLoader(StepSeededDataset(data), batch_sampler=sampler, collate_fn=_collate,
-                                         num_workers=tc.num_workers, pin_memory=info.device.type == "cuda")
-    tokens_per_sample = (cfg.model.grid ** 2) * (1 if cfg.model.paradigm == "single" else 2)
-    flops_peak = peak_flops(info.device)
-    spe = steps_per_epoch(tc, n)
-    epochs_done = {e for e in tc.ckpt_epochs if _epoch_step(e, spe) <= start}
-
-    def checkpoint(step, name=None):
-        sd, opt = trainer.state_for_checkpoint()
-        meta = {"config": to_dict(cfg), "elapsed_s": elapsed, "epoch": step / spe,
-                "nonfinite_skipped": trainer.guard.skipped}
-        if info.is_main:
-            try:  # weights that went non-finite through finite gradients (a huge LR) are never written
-                check_finite(sd, f"weights after step {step}")
-            except Exception as e:
-                raise NonFiniteError(f"ar train {cfg.name}: {e}; not saved; last good checkpoint: "
-                                     f"{trainer.guard.last_checkpoint or 'none'}. Lower the learning rate or fix "
-                                     "the config, then resume (--resume auto)") from None
-            trainer.guard.last_checkpoint = str(save_checkpoint(
-                run_dir, step, {"model": sd}, {"opt": opt} if opt is not None else None, meta, name=name,
-                keep_last=tc.keep_last))
-        barrier(info)
-
-    it = iter(loader)
-    step = start
-    bar = tqdm(total=total if total < 10 ** 12 else None, initial=start, desc=cfg.name, unit="step",
-               disable=not info.is_main, dynamic_ncols=True)
-    t_last, tok_count = time.perf_counter(), 0
-    try:
-        while step < total:
-            if tc.max_minutes is not None and elapsed >= tc.max_minutes * 60:
-                log.info("time budget of %.1f min reached at step %d", tc.max_minutes, step)
-                break
-            t0 = time.perf_counter()
-            micro = [next(it) for _ in range(tc.grad_accum)]
-            metrics = trainer.train_step(step, micro)
-            step += 1
-            elapsed += time.perf_counter() - t0
-            tok_count += tc.batch_size * tokens_per_sample
-            bar.update(1)
-            if step % tc.log_every == 0 or step == total:
-                dt = time.perf_counter() - t_last
-                metrics["tokens_per_s"] = tok_count / dt
-                metrics["epoch"] = step / spe
-                if flops_peak:
-                    flops = 6 * trainer.n_params * tok_count / info.world_size
-                    metrics["mfu"] = flops / dt / flops_peak
-                if logger:
-                    logger.log(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                t_last, tok_count = time.perf_counter(), 0
-            for e in sorted(tc.ckpt_epochs):
-                if e not in epochs_done and step >= _epoch_step(e, spe):
-                    epochs_done.add(e)
-                    checkpoint(step, name=f"epoch_{e:03d}")
-                    export(trainer, run_dir / f"model_e{e:03d}.safetensors", step, step / spe)
-            if step % tc.ckpt_every == 0 and step < total:
-                checkpoint(step)
-            if stop_after is not None and step - start >= stop_after and step < total:
-                checkpoint(step)
-                log.info("stopping after %d steps as asked (resume with --resume auto)", stop_after)
-                return run_dir / "model.safetensors"
-    finally:
-        bar.close()
-    checkpoint(step)
-    final = run_dir / "model.safetensors"
-    export(trainer, final, step, step / spe, {"elapsed_s": elapsed})
-    if info.is_main:
-        fingerprint.mark_complete(run_dir / "checkpoints")  # a later run of this job is a recomputation
-    return final
+    tc, run_dir = cfg.train, Path(run_dir)
+    info = init_distributed(tc.device)
+    with tracked(cfg.name, to_dict(cfg), {"job": "ar_train"}, run_dir, info) as mlrun:
+        data = TokenDataset(tc.tokens, seed=tc.seed)
+        check_against_tokens(cfg, data.meta)
+        total = budget_steps(tc, len(data))
+        ckpt = checkpoint_to_resume(run_dir, resume, resume_fingerprint(cfg), f"ar train {cfg.name}", info.is_main)
+        trainer = ARTrainer(cfg, total, info, steps_per_epoch(tc, len(data)))
+        loop = Loop(trainer, info, run_dir, desc=cfg.name, log_every=tc.log_every, ckpt_every=tc.ckpt_every,
+                    keep_last=tc.keep_last)
+        loop.restore(ckpt, auto=resume == "auto")
+        loop.open_log(to_dict(cfg), sinks=[mlrun])
+        end = total if stop_after is None else min(total, loop.start + stop_after)
+        loader, _ = step_batches(data, tc.batch_size, tc.seed, info, tc.grad_accum, loop.start, end,
+                                 tc.num_workers, _collate)
+        loop.run(iter(loader), end, total, tc.grad_accum, tc.max_minutes * 60 if tc.max_minutes is not None else None)
+    return run_dir / "model.safetensors"
 
 
 def load_ar(path: str | Path, device: str | torch.device = "cpu") -> ARModel:

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from iar2.cli import int_range, nonneg_int, positive_int
 from iar2.io import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ _SPLIT_ID = {"train": 0, "val": 1}
 
 
 def skimage_data_dir() -> Path:
-    import skimage.data
+    import skimage.data  # a slow import, needed only here
 
     return Path(skimage.data.__file__).parent
 
@@ -169,7 +170,6 @@ def make_builtin(out_root: str | Path, num_classes: int = 10, train_per_class: i
 # ----------------------------------------------------------------------------- CLI: iar2 data builtin
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import int_range, nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--out", default="data/builtin", help="output ImageFolder root (replaced atomically)")
     p.add_argument("--num-classes", type=int_range(2, MAX_CLASSES), default=10,
                    help=f"number of classes, 2..{MAX_CLASSES}")

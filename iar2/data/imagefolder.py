@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from iar2.cli import nonneg_int
+from iar2.data.transforms import EpochSeeded
+from iar2.fingerprint import file_digest, tree_digest
 from iar2.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -148,8 +150,6 @@ def read_report(report: str | Path | dict) -> dict:
 def data_digest(root: str | Path, split: str, report: str | Path | None = None) -> str:
     """Content digest of `root/split` for in-job cache keys (iar2/fingerprint.py): the data-check report's
     content fingerprint when a report is given (the check reads every byte once), else every file hashed here."""
-    from iar2.fingerprint import tree_digest
-
     if report is not None:
         info = read_report(report)["splits"].get(split) or {}
         if info.get("content_sha256"):
@@ -161,8 +161,6 @@ def data_digest(root: str | Path, split: str, report: str | Path | None = None) 
 
 def _inspect(path: str) -> tuple[str | None, str]:
     """(why the file is unusable or None, sha256 of its bytes): one pass of `iar2 data check` over a file."""
-    from iar2.fingerprint import file_digest
-
     return verify_image(path), file_digest(path)
 
 
@@ -238,7 +236,7 @@ def check_report(root: str | Path, splits: tuple[str, ...] = ("train", "val"), w
 
 # ----------------------------------------------------------------------------- dataset
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class ImageFolderDataset(EpochSeeded, torch.utils.data.Dataset):
     """Images of `root/split` as (transform(image), label); bad images excluded.
 
     transform: called as `transform(pil_rgb_image)`, or `transform(image, generator)` when it has
@@ -286,14 +284,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                f"(files or classes changed); rerun `iar2 data check --root {self.root}`")
         return {b["path"]: b["reason"] for b in report["bad"] if b["split"] == self.split}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def generator(self, index: int) -> torch.Generator:
-        """The per-sample generator: a function of (seed, epoch, index) only."""
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
     def path(self, index: int) -> Path:
         return self.root / self.split / self.samples[index][0]
 
@@ -329,7 +319,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- CLI: iar2 data check
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int  # argparse types with a range
     p.add_argument("--root", required=True, help="ImageFolder root holding <split>/<class>/<images>")
     p.add_argument("--out", required=True, help="JSON report to write (pass it to the dataset as `report`)")
     p.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to scan (default: train val)")

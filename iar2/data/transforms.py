@@ -22,6 +22,27 @@ import torch
 from PIL import Image
 
 
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample: a function of (seed, epoch, index) only, so a draw does not depend on the number
+    of DataLoader workers or the order in which they fetch samples."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class EpochSeeded:
+    """Mixin of the datasets that draw per-sample randomness (ImageFolderDataset, TokenDataset): `generator(index)`
+    from (self.seed, self.epoch, index). Call `set_epoch` each epoch for fresh draws."""
+
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self, index: int) -> torch.Generator:
+        return sample_generator(self.seed, self.epoch, index)
+
+
 def _box_halve(img: Image.Image, target_short: int) -> Image.Image:
     # successive 2x BOX reductions while the image is at least twice the target: each is an exact
     # average of 2x2 blocks, so the final bicubic step never has to shrink by more than 2x

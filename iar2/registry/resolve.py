@@ -73,8 +73,8 @@ class Configs:
     # -- AR runs
     def ar_config(self, r, epoch_steps: float | None = None, identity: bool = False) -> dict:
         """The run `r`'s config; with `identity`, what makes two runs one: all but its name and how long it trains."""
-        # the trainer module imports torch: loaded only when a plan resolves its runs
-        from iar2.ar.train import ARRunConfig
+        # its module imports torch (the model config): loaded only when a plan resolves its runs
+        from iar2.ar.config import ARRunConfig
 
         m = self.final_model(r.tokenizer)
         vocab = ({"vocab_size": m["codebook_size"]} if m["quantizer"] == "single"
@@ -108,7 +108,7 @@ class Configs:
 
     # -- sample sets
     def sample_config(self, gid: GuidanceId | str) -> dict:
-        from iar2.sample import SampleRunConfig  # imports torch, like the trainer
+        from iar2.sample_config import SampleRunConfig  # imports torch too
 
         g = GuidanceId.parse(gid)
         sb = self.s.sampling

@@ -50,6 +50,7 @@ def render_report(results_dir: str | Path, out_dir: str | Path, paper_dir: str |
     """Render the report folder; returns the summary (also written as summary.json)."""
     from iar2.io import atomic_path
     from iar2.report import claims as cl
+    from iar2.report import diagnosis as dg
     from iar2.report import figures as fg
     from iar2.report import render as rd
     from iar2.report import tables as tb
@@ -92,14 +93,17 @@ def render_report(results_dir: str | Path, out_dir: str | Path, paper_dir: str |
     from iar2.report.readings import load_readings
 
     readings = load_readings(paper)
+    diag = dg.load(results.root)  # the Diagnosis section: None unless the scale diagnosed its runs
     generated = rd.now_utc()
     out = Path(out_dir)
     # Build the whole folder beside the target and rename it into place: readers never see half a report.
     with atomic_path(out, is_dir=True) as tmp:
         fg.render_figures(figures, results, tmp)
-        (tmp / "index.html").write_text(rd.render_html(results, prov, tables, figures, checked, generated, readings))
+        images = dg.copy_images(diag, tmp) if diag else {}
+        (tmp / "index.html").write_text(rd.render_html(results, prov, tables, figures, checked, generated, readings,
+                                                       dg.html_section(diag, images) if diag else ""))
         (tmp / "report.md").write_text(rd.render_markdown(results, prov, tables, figures, checked, generated,
-                                                          readings))
+                                                          readings, dg.markdown(diag, images) if diag else ""))
         (tmp / "claims.md").write_text(rd.md_claims(checked, results.scale))
         rd.write_json(tmp / "provenance.json", rd.provenance_records(tables, figures, prov))
         summary = rd.summary(results, prov, tables, figures, checked)

@@ -200,14 +200,16 @@ def html_claims(results: list[ClaimResult]) -> str:
 
 
 def render_html(results: Results, prov: Provenance, tables: list[TableView], figures: list[FigureView],
-                claims: list[ClaimResult], generated: str, readings: list[dict] | None = None) -> str:
+                claims: list[ClaimResult], generated: str, readings: list[dict] | None = None,
+                diagnosis: str = "") -> str:
+    """diagnosis: the Diagnosis section's HTML (iar2/report/diagnosis.py), or "" for none."""
     from iar2.report.readings import html_table as readings_html
 
     scale = results.scale
     nav = " ".join(f'<a href="#{t.name}">T{t.number}</a>' for t in tables)
     nav += " " + " ".join(f'<a href="#{f.name}">{_e(figure_label(f.name))}</a>' for f in figures)
     nav += (' <a href="#claims">Claims</a> <a href="#rerun">Rerun</a> <a href="#protocol">Protocol</a>'
-            ' <a href="#readings">Readings</a>')
+            ' <a href="#readings">Readings</a>' + (' <a href="#diagnosis">Diagnosis</a>' if diagnosis else ""))
     t = tally(claims)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -240,6 +242,8 @@ def render_html(results: Results, prov: Provenance, tables: list[TableView], fig
     parts += [html_figure(f, prov, scale) for f in figures]
     parts.append('<h2 id="claims">Claims checklist</h2>')
     parts.append(html_claims(claims))
+    if diagnosis:
+        parts.append('<h2 id="diagnosis">Diagnosis</h2>' + diagnosis)
     parts.append('<h2 id="rerun">How to rerun any one table or figure</h2>')
     parts.append("<pre>" + _e(rerun_text(scale, results)) + "</pre>")
     parts.append('<div id="selfcheck" data-status="pending" hidden></div></body></html>')
@@ -312,7 +316,8 @@ def md_claims(claims: list[ClaimResult], scale: str) -> str:
 
 
 def render_markdown(results: Results, prov: Provenance, tables: list[TableView], figures: list[FigureView],
-                    claims: list[ClaimResult], generated: str, readings: list[dict] | None = None) -> str:
+                    claims: list[ClaimResult], generated: str, readings: list[dict] | None = None,
+                    diagnosis: str = "") -> str:
     from iar2.report.readings import markdown_table
 
     scale = results.scale
@@ -353,8 +358,10 @@ def render_markdown(results: Results, prov: Provenance, tables: list[TableView],
         if f.paper_note:
             out += [f.paper_note, ""]
         out += [f"Rerun: `{rerun_cmd(f.name, scale)}`", ""]
-    out += ["## Claims", "", f"See [claims.md](claims.md): {tally_text(t)}.", "",
-            "## How to rerun any one table or figure", "", "```sh", rerun_text(scale, results), "```", ""]
+    out += ["## Claims", "", f"See [claims.md](claims.md): {tally_text(t)}.", ""]
+    if diagnosis:
+        out += ["## Diagnosis", "", diagnosis]
+    out += ["## How to rerun any one table or figure", "", "```sh", rerun_text(scale, results), "```", ""]
     return "\n".join(out)
 
 

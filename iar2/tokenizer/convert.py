@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 
 from iar2.checkpoint import safe_torch_load, save_weights
+from iar2.cli import positive_int
 from iar2.config import from_dict, to_dict
 from iar2.io import atomic_path
 from iar2.tokenizer.config import VQModelConfig
+from iar2.tokenizer.vq_model import VQModel, count_parameters, load_vq
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,6 @@ def to_original(sd: dict[str, torch.Tensor], quantizer: str) -> dict[str, torch.
 def import_checkpoint(src: str | Path, out: str | Path, fmt: str = "auto", use_ema: bool = False,
                       norm_groups: int = 32) -> VQModelConfig:
     """Convert `src` (original layout) into `out` (.safetensors + .json); returns the model config."""
-    from iar2.tokenizer.vq_model import VQModel, count_parameters
-
     sd, info = read_original(src, use_ema)
     if fmt == "auto":
         fmt = detect_format(sd)
@@ -157,8 +157,6 @@ def import_checkpoint(src: str | Path, out: str | Path, fmt: str = "auto", use_e
 
 def export_original(src: str | Path, out: str | Path) -> None:
     """Our weights file -> a .pt file {"model": state_dict} in the LlamaGen / IAR2 layout."""
-    from iar2.tokenizer.vq_model import load_vq
-
     model = load_vq(src)
     sd = to_original({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.cfg.quantizer)
     with atomic_path(out) as tmp:
@@ -176,7 +174,6 @@ def _sha256(path: str | Path) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import positive_int  # argparse types with a range
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("src", help="original checkpoint (.pt), or with --export-original our .safetensors file")
     p.add_argument("out", help="output .safetensors (a .json with the model config is written beside it), "

@@ -16,16 +16,26 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from iar2.bootstrap import recon_replicates
+from iar2.cli import add_config_arguments, load_run_config
 from iar2.config import config_hash, to_dict
+from iar2.data.imagefolder import ImageFolderDataset
+from iar2.data.transforms import eval_transform
+from iar2.distributed import pick_device
 from iar2.io import atomic_write_json
 from iar2.metrics import SSIM_LLAMAGEN, FeatureCollector, psnr, resolve_extractor, ssim, to_uint8
+from iar2.perceptual import build_perceptual
+from iar2.tokenizer.usage import code_histogram, usage_stats
+from iar2.tokenizer.vq_model import default_image_size, load_vq
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +47,6 @@ def spread_indices(n: int, k: int | None) -> list[int]:
     return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64)).tolist()
 
 
-def usage_stats(counts: torch.Tensor, prefix: str) -> dict[str, float]:
-    """Used fraction and perplexity exp(H) of a code histogram."""
-    p = counts.double() / counts.sum().clamp_min(1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {f"{prefix}_usage": float((counts > 0).double().mean()), f"{prefix}_perplexity": float(entropy.exp()),
-            f"{prefix}_codes_used": int((counts > 0).sum())}
-
-
 @torch.no_grad()
 def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: str = "val",
                             image_size: int | None = None, extractor: str = "inception",
@@ -54,12 +56,6 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
                             num_workers: int = 0, bootstrap: int = 0) -> dict:
     """Reconstruct `data_root/split` with the VQ and return the metrics dict (module doc); bootstrap > 0 adds that
     many replicates of rFID / PSNR / SSIM / LPIPS over the images (iar2.bootstrap.recon_replicates)."""
-    from iar2.data.imagefolder import ImageFolderDataset
-    from iar2.data.transforms import eval_transform
-    from iar2.perceptual import build_perceptual
-    from iar2.tokenize import default_image_size, level_names, pick_device, vocab_sizes
-    from iar2.tokenizer.vq_model import load_vq
-
     # Resolve every weight file first: a missing one fails before any work is done.
     ext = resolve_extractor(extractor, weights_dir=weights_dir, domain_net=domain_net)
     if perceptual == "domain" and domain_net is None:
@@ -80,7 +76,7 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
                         pin_memory=dev.type == "cuda")
 
     collector = FeatureCollector(ext, device=dev)
-    names, vocabs = level_names(model), vocab_sizes(model)
+    names, vocabs = model.level_names(), model.vocab_sizes()
     counts = [torch.zeros(v, dtype=torch.long, device=dev) for v in vocabs]
     per_image = {"psnr": [], "ssim": [], "ssim_llamagen": [], "lpips": []}
     t0 = time.perf_counter()
@@ -99,7 +95,7 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
             per_image["lpips"].append(d.detach().double().reshape(-1).cpu())
         ind = q.indices if q.indices.dim() == 4 else q.indices[:, None]
         for lvl, c in enumerate(counts):
-            c += torch.bincount(ind[:, lvl].reshape(-1), minlength=c.numel())
+            c += code_histogram(ind[:, lvl], c.numel())
         bar.update(x.shape[0])
     bar.close()
     seconds = time.perf_counter() - t0
@@ -108,8 +104,6 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
     metrics = {"rfid": collector.fid("reconstructed", "original")}
     boot = {}
     if bootstrap:  # replicates for the claims' intervals (iar2.bootstrap), resampling images
-        from iar2.bootstrap import recon_replicates
-
         boot = {"bootstrap": recon_replicates(collector.features("original"), collector.features("reconstructed"),
                                               {k: torch.cat(v) for k, v in per_image.items() if v}, bootstrap)}
     for k, v in per_image.items():
@@ -118,7 +112,9 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
     if perc is None:
         metrics["lpips"] = None
     for name, c in zip(names, counts):
-        metrics.update(usage_stats(c.cpu(), "codebook" if name == "single" else name))
+        u = usage_stats(c)
+        prefix = "codebook" if name == "single" else name
+        metrics.update({f"{prefix}_{k}": u[k] for k in ("usage", "perplexity", "codes_used")})
     log.info("rFID %.3f  PSNR %.2f  SSIM %.4f  LPIPS %s  (%d images, %.1f img/s)", metrics["rfid"], metrics["psnr"],
              metrics["ssim"], "n/a" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}", n, n / seconds)
     return {
@@ -139,35 +135,41 @@ def evaluate_reconstruction(vq_path: str | Path, data_root: str | Path, split: s
 
 # ----------------------------------------------------------------------------- CLI: iar2 vq eval
 
+@dataclass
+class ReconEvalConfig:
+    """Settings of `iar2 vq eval`: a --config file or the flags of the same names (iar2.cli.add_config_arguments)."""
+    split: str = field(default="val", metadata={"help": "split to reconstruct"})
+    image_size: int | None = field(default=None, metadata={
+        "min": 1, "help": "image size (default: the VQ's training size)"})
+    extractor: Literal["inception", "domain"] = field(default="inception", metadata={
+        "help": "rFID features: torch-fidelity Inception (needs its weights file) or the domain network"})
+    perceptual: Literal["lpips_vgg", "domain", "none"] = field(default="lpips_vgg", metadata={
+        "help": "LPIPS backend: LPIPS-VGG (needs VGG16 weights), the domain network, or none"})
+    max_images: int | None = field(default=None, metadata={"min": 1, "help": "evaluate N images spread over the split"})
+    batch_size: int = field(default=32, metadata={"min": 1})
+    num_workers: int = field(default=0, metadata={"min": 0, "help": "DataLoader workers decoding images"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N]"})
+    bootstrap: int = field(default=200, metadata={
+        "min": 0, "help": "bootstrap replicates of every metric over the images, for the claims' intervals (0: none)"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
     p.add_argument("--vq", required=True, help="VQ tokenizer (.safetensors with its .json, or a checkpoint folder)")
     p.add_argument("--data", required=True, help="ImageFolder root holding <split>/<class>/<images>")
-    p.add_argument("--split", default="val", help="split to reconstruct (default: val)")
-    p.add_argument("--image-size", type=positive_int, default=None, help="image size (default: the VQ's training size)")
-    p.add_argument("--extractor", choices=["inception", "domain"], default="inception",
-                   help="rFID features: torch-fidelity Inception (needs its weights file) or the domain network")
     p.add_argument("--domain-net", default=None, help="reference network checkpoint (`iar2 refnet train`)")
-    p.add_argument("--perceptual", choices=["lpips_vgg", "domain", "none"], default="lpips_vgg",
-                   help="LPIPS backend: LPIPS-VGG (needs VGG16 weights), the domain network, or none")
     p.add_argument("--weights-dir", default=None, help="folder holding pretrained weight files (else torch hub cache)")
-    p.add_argument("--max-images", type=positive_int, default=None, help="evaluate N images spread over the split")
-    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--report", default=None, help="`iar2 data check` report (bad images excluded without decoding)")
-    p.add_argument("--num-workers", type=nonneg_int, default=0, help="DataLoader workers decoding images")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--bootstrap", type=nonneg_int, default=200,
-                   help="bootstrap replicates of every metric over the images, for the claims' intervals (0: none)")
     p.add_argument("--out", required=True, help="metrics JSON to write")
+    add_config_arguments(p, ReconEvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_reconstruction(args.vq, args.data, split=args.split, image_size=args.image_size,
-                                     extractor=args.extractor, domain_net=args.domain_net,
-                                     perceptual=args.perceptual, weights_dir=args.weights_dir,
-                                     max_images=args.max_images, batch_size=args.batch_size, device=args.device,
-                                     report=args.report, num_workers=args.num_workers,
-                                     bootstrap=getattr(args, "bootstrap", 0))
+    cfg = load_run_config(ReconEvalConfig, args)
+    result = evaluate_reconstruction(args.vq, args.data, split=cfg.split, image_size=cfg.image_size,
+                                     extractor=cfg.extractor, domain_net=args.domain_net,
+                                     perceptual=cfg.perceptual, weights_dir=args.weights_dir,
+                                     max_images=cfg.max_images, batch_size=cfg.batch_size, device=cfg.device,
+                                     report=args.report, num_workers=cfg.num_workers, bootstrap=cfg.bootstrap)
     atomic_write_json(args.out, result)
     log.info("metrics written to %s", args.out)
     return 0

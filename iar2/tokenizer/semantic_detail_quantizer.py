@@ -34,12 +34,11 @@ codebook 1 (detail_size codes), each half l2-normalised on its own, and z_q = co
 model, so Table 7 compares only the association. Its codes have embed_dim / 2 channels. Indices (B, 2, H, W); the
 names "semantic"/"detail" are positional here (codebook 0 / codebook 1).
 
-`usage` holds, per codebook, the fraction of codes used in the batch and the perplexity exp(entropy) of the batch's
-code histogram, as detached 0-dim tensors (no host sync).
+Codebook usage is counted by the callers over a window or a split (iar2.tokenizer.usage), not per batch here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -56,7 +55,6 @@ class QuantOutput:
     z_q: Tensor  # (B, embed_dim, H, W), straight-through: forward = codes, gradient = identity to z, none to codes
     indices: Tensor  # (B, H, W) single; (B, 2, H, W) [semantic, detail] dual
     loss: Tensor  # codebook + commitment, scalar
-    usage: dict[str, Tensor] = field(default_factory=dict)
     codebook_loss: Tensor | None = None  # mean((c - sg z)^2): moves the codes
     commit_loss: Tensor | None = None  # beta * mean((sg c - z)^2): moves the encoder
 
@@ -74,15 +72,6 @@ def nearest_code(z: Tensor, codebook: Tensor, max_elements: int = MAX_DISTANCE_E
         if z.shape[0] <= rows:
             return torch.addmm(e_sq, z, codebook.t(), alpha=-2.0).argmin(1)
         return torch.cat([torch.addmm(e_sq, c, codebook.t(), alpha=-2.0).argmin(1) for c in z.split(rows)])
-
-
-def codebook_usage(indices: Tensor, size: int, prefix: str) -> dict[str, Tensor]:
-    """Fraction of the `size` codes used by `indices`, and the perplexity of their histogram."""
-    with torch.no_grad():
-        counts = torch.bincount(indices.reshape(-1), minlength=size).float()
-        p = counts / counts.sum().clamp_min(1.0)
-        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-        return {f"{prefix}_usage": (counts > 0).float().mean(), f"{prefix}_perplexity": entropy.exp()}
 
 
 def _init_codebook(weight: Tensor, l2_norm: bool) -> None:
@@ -156,8 +145,8 @@ class SingleQuantizer(nn.Module):
             z = _to_tokens(h, self.l2_norm)
             idx, c = self.quantize_tokens(z)
             cb, cm = _commitment(c, z, self.beta)
-            return QuantOutput(z_q=_straight_through(z, c), indices=idx, loss=cb + cm,
-                               usage=codebook_usage(idx, self.size, "single"), codebook_loss=cb, commit_loss=cm)
+            return QuantOutput(z_q=_straight_through(z, c), indices=idx, loss=cb + cm, codebook_loss=cb,
+                               commit_loss=cm)
 
     def lookup(self, indices: Tensor, mode: str = "full") -> Tensor:
         """indices (B, H, W) -> z_q (B, dim, H, W)."""
@@ -215,10 +204,8 @@ class SemanticDetailQuantizer(nn.Module):
                     cm = cm + self.semantic_commit_weight * cm_s
             shape = z.shape[:-1]
             indices = torch.stack([k.view(shape), j.view(shape)], dim=1)
-            usage = {**codebook_usage(k, self.semantic_size, "semantic"),
-                     **codebook_usage(j, self.detail_size, "detail")}
-            return QuantOutput(z_q=_straight_through(z, c), indices=indices, loss=cb + cm, usage=usage,
-                               codebook_loss=cb, commit_loss=cm)
+            return QuantOutput(z_q=_straight_through(z, c), indices=indices, loss=cb + cm, codebook_loss=cb,
+                               commit_loss=cm)
 
     def lookup(self, indices: Tensor, mode: str = "full") -> Tensor:
         """indices (B, 2, H, W) [semantic, detail] -> z_q (B, dim, H, W); mode 'semantic' ignores the detail code
@@ -261,10 +248,8 @@ class UnassociatedDualQuantizer(nn.Module):
             (i0, c0), (i1, c1) = (q.quantize_tokens(part) for q, part in zip(self.codebooks, z.split(self.half, -1)))
             c = torch.cat([c0, c1], dim=-1)
             cb, cm = _commitment(c, z, self.beta)
-            usage = {**codebook_usage(i0, self.codebooks[0].size, "semantic"),
-                     **codebook_usage(i1, self.codebooks[1].size, "detail")}
             return QuantOutput(z_q=_straight_through(z, c), indices=torch.stack([i0, i1], dim=1), loss=cb + cm,
-                               usage=usage, codebook_loss=cb, commit_loss=cm)
+                               codebook_loss=cb, commit_loss=cm)
 
     def lookup(self, indices: Tensor, mode: str = "full") -> Tensor:
         if mode != "full":

@@ -29,28 +29,22 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
-from tqdm import tqdm
 
-from iar2.checkpoint import (CheckpointError, auto_resume_checkpoint, check_finite, latest_checkpoint, load_checkpoint,
-                             load_newest_good, load_weights, rng_state, save_checkpoint,
-                             save_weights, set_rng_state)
-from iar2.config import ConfigError, config_changes, config_hash, from_dict, load_config, to_dict
-from iar2.distributed import (DistInfo, StepSampler, StepSeededDataset, all_reduce_, average_gradients, barrier, cleanup,
-                              init_distributed, no_sync, resolve_device, wrap_ddp)
+from iar2.checkpoint import latest_checkpoint, load_checkpoint, load_weights, rng_state, save_weights, set_rng_state
+from iar2.config import ConfigError, config_changes, config_hash, load_config, to_dict
+from iar2.distributed import (DistInfo, StepSampler, all_reduce_, average_gradients, cleanup, init_distributed, no_sync,
+                              resolve_device, wrap_ddp)
 from iar2 import fingerprint
-from iar2.io import atomic_write_text
-from iar2.training import NonFiniteError, NonFiniteGuard, grad_norm
-from iar2.tracking import MetricsLogger
+from iar2.training import Job, Loop, NonFiniteGuard, checkpoint_to_resume, grad_norm, step_batches, tracked
 from iar2.tokenizer.config import TokenizerRunConfig
 from iar2.tokenizer.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from iar2.tokenizer.usage import usage_stats
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +108,6 @@ def build_train_dataset(cfg: TokenizerRunConfig):
                               report=d.check_report, seed=cfg.train.seed)
 
 
-def build_loader(dataset, cfg: TokenizerRunConfig, info: DistInfo, start_step: int, end_step: int):
-    tc = cfg.train
-    sampler = StepSampler(len(dataset), tc.batch_size, tc.seed, info.rank, info.world_size, tc.grad_accum,
-                          start_step=start_step, end_step=end_step)
-    loader = torch.utils.data.DataLoader(StepSeededDataset(dataset), batch_sampler=sampler,
-                                         num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
-    return loader, sampler
-
-
 # ----------------------------------------------------------------------------- metrics
 
 class CodebookStats:
@@ -146,18 +131,19 @@ class CodebookStats:
             total = int(c.sum())
             if total == 0:
                 continue
-            p = c.double() / total
-            entropy = -(p[p > 0] * p[p > 0].log()).sum()
-            out[f"usage_{name}"] = float((c > 0).double().mean())
-            out[f"perplexity_{name}"] = float(entropy.exp())
+            u = usage_stats(c)
+            out[f"usage_{name}"], out[f"perplexity_{name}"] = u["usage"], u["perplexity"]
             self.counts[name].zero_()
         return out
 
 
 # ----------------------------------------------------------------------------- the trainer
 
-class VQTrainer:
-    """Model, discriminator, losses and optimisers of one tokenizer run; `train_step` does one step."""
+class VQTrainer(Job):
+    """Model, discriminator, losses and optimisers of one tokenizer run; `train_step` does one step. The rest of the
+    run (resume, logging, checkpoints) is the shared loop's (iar2/training.py)."""
+
+    progress_keys = ("total", "sem_total")  # stage 2 logs its semantic-only steps apart
 
     def __init__(self, cfg: TokenizerRunConfig, info: DistInfo | None = None, perceptual: nn.Module | None = None,
                  build_perceptual_module: bool = True):
@@ -218,6 +204,7 @@ class VQTrainer:
         self.level_names = list(levels)
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self.sampler: StepSampler | None = None  # the run's batches (set by `train`): the epoch of a step
 
     # -- step schedule ------------------------------------------------------------------------
 
@@ -328,7 +315,7 @@ class VQTrainer:
             self._sums[prefix + k] = self._sums.get(prefix + k, 0.0) + v
             self._counts[prefix + k] = self._counts.get(prefix + k, 0) + 1
 
-    def pop_metrics(self) -> dict[str, float]:
+    def pop_metrics(self, step: int, steps_per_s: float) -> dict[str, float]:
         """Window means of the losses (averaged over processes) and codebook statistics; resets the window."""
         keys = sorted(self._sums)
         out: dict[str, float] = {}
@@ -339,6 +326,8 @@ class VQTrainer:
             out.update(dict(zip(keys, vals)))
         out.update(self.stats.summary(self.info))
         out["lr"] = self.optimizers["main"].param_groups[0]["lr"]
+        out["steps_per_s"] = steps_per_s
+        out["epoch"] = self.sampler.epoch_of(step - 1)
         self._sums, self._counts = {}, {}
         return out
 
@@ -347,19 +336,10 @@ class VQTrainer:
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, **({"disc": self.disc} if self.disc is not None else {})}
 
-    def save(self, run_dir: Path, step: int, extra: dict | None = None) -> Path:
-        meta = {"config": to_dict(self.cfg), "config_hash": config_hash(self.cfg), "rng": rng_state(),
-                "nonfinite_skipped": self.guard.skipped, **(extra or {})}
-        for name, m in self.modules().items():
-            try:  # weights that went non-finite through finite gradients (a huge LR) are never written
-                check_finite(m.state_dict(), f"{name} weights after step {step}")
-            except CheckpointError as e:
-                raise NonFiniteError(f"{self.guard.what}: {e}; not saved; last good checkpoint: "
-                                     f"{self.guard.last_checkpoint or 'none'}. Lower the learning rate or fix the "
-                                     "config, then resume (--resume auto)") from None
-        path = save_checkpoint(run_dir, step, self.modules(), self.optimizers, meta, keep_last=self.cfg.train.keep_last)
-        self.guard.last_checkpoint = str(path)
-        return path
+    def checkpoint_state(self, step: int) -> tuple[dict, dict, dict]:
+        # the RNG states too: a resumed run draws what the uninterrupted one would have
+        return self.modules(), self.optimizers, {"config": to_dict(self.cfg), "config_hash": config_hash(self.cfg),
+                                                 "rng": rng_state(), "epoch": self.sampler.epoch_of(step)}
 
     def load(self, ckpt: Path) -> dict:
         meta = load_checkpoint(ckpt, self.modules(), self.optimizers, map_location=str(self.info.device))
@@ -368,9 +348,11 @@ class VQTrainer:
             raise ConfigError(f"{', '.join(changed)}: differ from the checkpoint's config ({ckpt}); "
                               "resume with the same config or start a new run directory")
         set_rng_state(meta["rng"])
-        self.guard.skipped = int(meta.get("nonfinite_skipped", 0))
-        self.guard.last_checkpoint = str(ckpt)
         return meta
+
+    def export(self, run_dir: Path, step: int, elapsed: float) -> None:
+        if self.info.is_main:
+            export_weights(self, run_dir, step)
 
     def init_from_stage1(self, path: str | Path) -> None:
         """Load stage-1 weights: every tensor except the detail codebook (which starts fresh)."""
@@ -413,110 +395,52 @@ def export_weights(trainer: VQTrainer, run_dir: Path, step: int) -> Path:
 
 def train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = None, stop_after: int | None = None,
           info: DistInfo | None = None, perceptual: nn.Module | None = None) -> dict:
-    """`_train` inside one MLflow run (when MLFLOW_TRACKING_URI is set; see iar2/tracking.py)."""
-    from iar2 import tracking
-
-    info = info or init_distributed(cfg.train.device)
-    with tracking.start_run(cfg.name, params=to_dict(cfg), tags={"job": "vq_train", "stage": cfg.train.stage},
-                            is_main=info.is_main) as mlrun:
-        out = _train(cfg, run_dir, resume, stop_after, info, perceptual, sinks=[mlrun])
-        mlrun.log_artifact(Path(run_dir) / "metrics.csv")
-    return out
-
-
-def _train(cfg: TokenizerRunConfig, run_dir: str | Path, resume: str | None = None, stop_after: int | None = None,
-           info: DistInfo | None = None, perceptual: nn.Module | None = None, sinks: list | None = None) -> dict:
-    """Train (or resume) a tokenizer run in `run_dir`; returns {"step", "checkpoint", "weights"}.
+    """Train (or resume) a tokenizer run in `run_dir`, as one MLflow run (when MLFLOW_TRACKING_URI is set; see
+    iar2/tracking.py); returns {"step", "checkpoint", "weights"}.
 
     resume: None (start; refuses a folder that already has checkpoints), 'auto' (continue from the latest
     checkpoint if there is one) or a checkpoint folder. stop_after: end this invocation after that many steps
     (with a checkpoint), as a scheduler's time limit would.
     """
-    check_run_config(cfg)
-    tc = cfg.train
-    run_dir = Path(run_dir)
+    tc, run_dir = cfg.train, Path(run_dir)
     info = info or init_distributed(tc.device)
     dev = info.device
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    ckpt = None
-    if resume in (None, "auto"):  # checkpoints of other inputs or of a finished run are set aside, not reused
+    with tracked(cfg.name, to_dict(cfg), {"job": "vq_train", "stage": tc.stage}, run_dir, info) as mlrun:
+        check_run_config(cfg)
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if resume is None and latest_checkpoint(run_dir) is not None:
             raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, "
                               "or choose a new run directory")
-        reusable = auto_resume_checkpoint(run_dir, resume_fingerprint(cfg), f"vq train {cfg.name} ({tc.stage})",
-                                          info.is_main)
-        if resume == "auto" and reusable:
-            ckpt = latest_checkpoint(run_dir)
-    else:
-        ckpt = Path(resume)
-    if ckpt is None and tc.stage == "stage2" and not tc.init_from:
-        raise ConfigError("train.init_from: stage2 starts from the stage-1 weights; set it to the stage-1 run folder")
+        what = f"vq train {cfg.name} ({tc.stage})"
+        ckpt = checkpoint_to_resume(run_dir, resume, resume_fingerprint(cfg), what, info.is_main)
+        if ckpt is None and tc.stage == "stage2" and not tc.init_from:
+            raise ConfigError("train.init_from: stage2 starts from the stage-1 weights; set it to the stage-1 run "
+                              "folder")
+        trainer = VQTrainer(cfg, info, perceptual=perceptual)
+        loop = Loop(trainer, info, run_dir, desc=f"vq {tc.stage}", log_every=tc.log_every, ckpt_every=tc.ckpt_every,
+                    keep_last=tc.keep_last)
+        loop.restore(ckpt, auto=resume == "auto")
+        if ckpt is None and tc.stage == "stage2":
+            trainer.init_from_stage1(tc.init_from)
+        start = loop.start
+        if start > tc.steps:
+            raise ConfigError(f"train.steps: {tc.steps} is below the step the run has reached ({start}, {ckpt})")
+        end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+        loop.open_log(to_dict(cfg), sinks=[mlrun])
 
-    trainer = VQTrainer(cfg, info, perceptual=perceptual)
-    start = 0
-    if ckpt is not None:
-        if resume == "auto":  # a corrupt latest checkpoint falls back to the previous complete one
-            ckpt, meta = load_newest_good(run_dir, trainer.load)
-        else:
-            meta = trainer.load(ckpt)
-        start = int(meta["step"])
-        log.info("resumed from %s at step %d", ckpt, start)
-    elif tc.stage == "stage2":
-        trainer.init_from_stage1(tc.init_from)
-    if start > tc.steps:
-        raise ConfigError(f"train.steps: {tc.steps} is below the step the run has reached ({start}, {ckpt})")
-    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-
-    if info.is_main:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    logger = MetricsLogger(run_dir / "metrics.csv", resume_step=start if ckpt is not None else None, sinks=sinks) \
-        if info.is_main else None
-
-    dataset = build_train_dataset(cfg)
-    loader, sampler = build_loader(dataset, cfg, info, start, end)
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    log.info("stage %s, quantizer %s: %.2fM params, %d train images, global batch %d (%d procs x %d accum), "
-             "steps %d -> %d of %d on %s", tc.stage, cfg.model.quantizer, n_params / 1e6, len(dataset),
-             tc.batch_size, info.world_size, tc.grad_accum, start, end, tc.steps, dev)
-
-    bar = tqdm(total=tc.steps, initial=start, unit="step", desc=f"vq {tc.stage}", disable=not info.is_main,
-               dynamic_ncols=True, mininterval=1.0)
-    it = iter(loader)
-    t_last, s_last, last_ckpt = time.perf_counter(), start, ckpt
-    step = start
-    try:
-        for step in range(start, end):
-            micro = [next(it)[0].to(dev, non_blocking=True) for _ in range(tc.grad_accum)]
-            trainer.train_step(step, micro)
-            done = step + 1
-            bar.update(1)
-            if done % tc.log_every == 0 or done == end:
-                metrics = trainer.pop_metrics()
-                now = time.perf_counter()
-                metrics["steps_per_s"] = (done - s_last) / max(now - t_last, 1e-9)
-                metrics["epoch"] = sampler.epoch_of(done - 1)
-                t_last, s_last = now, done
-                if logger is not None:
-                    logger.log(done, metrics)
-                    bar.set_postfix(loss=f"{metrics.get('total', metrics.get('sem_total', math.nan)):.4f}")
-            if done % tc.ckpt_every == 0 or done == end:
-                if info.is_main:
-                    last_ckpt = trainer.save(run_dir, done, {"epoch": sampler.epoch_of(done)})
-                barrier(info)
-    finally:
-        bar.close()
-    weights = None
-    if end == tc.steps:
-        if info.is_main:
-            weights = export_weights(trainer, run_dir, end)
-            fingerprint.mark_complete(run_dir / "checkpoints")  # a later run of this job is a recomputation
-        barrier(info)
-    else:
-        log.info("stopped after step %d of %d; continue with --resume auto", end, tc.steps)
-    return {"step": end, "checkpoint": last_ckpt, "weights": weights}
+        dataset = build_train_dataset(cfg)
+        loader, trainer.sampler = step_batches(dataset, tc.batch_size, tc.seed, info, tc.grad_accum, start, end,
+                                               cfg.data.num_workers)
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        log.info("stage %s, quantizer %s: %.2fM params, %d train images, global batch %d (%d procs x %d accum), "
+                 "steps %d -> %d of %d on %s", tc.stage, cfg.model.quantizer, n_params / 1e6, len(dataset),
+                 tc.batch_size, info.world_size, tc.grad_accum, start, end, tc.steps, dev)
+        images = (batch[0].to(dev, non_blocking=True) for batch in loader)
+        finished = loop.run(images, end, tc.steps, tc.grad_accum)
+    weights = run_dir / "vq.safetensors" if finished and info.is_main else None
+    return {"step": end, "checkpoint": loop.last_checkpoint, "weights": weights}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -541,84 +465,4 @@ def run(args: argparse.Namespace) -> int:
         train(cfg, args.out, resume=args.resume, stop_after=args.stop_after, info=info)
     finally:
         cleanup()
-    return 0
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-BENCH_PRESETS = {
-    # the test-sized model and a small one a CPU can still time; vq16 is LlamaGen's VQ-16 (for GPUs)
-    "tiny": dict(model=dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, embed_dim=8, norm_groups=4,
-                            codebook_size=64, semantic_size=16, detail_size=64), image_size=32, batch_size=16,
-                 disc_layers=2, disc_ndf=16),
-    "small": dict(model=dict(ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=1, z_channels=64, embed_dim=8, norm_groups=8,
-                             codebook_size=1024, semantic_size=256, detail_size=1024), image_size=64, batch_size=16,
-                  disc_layers=3, disc_ndf=32),
-    "vq16": dict(model=dict(), image_size=256, batch_size=16, disc_layers=3, disc_ndf=64),
-}
-BENCH_VARIANTS = [("single", "single", "single"), ("unassociated_dual", "unassociated_dual", "single"),
-                  ("stage1", "semantic_detail", "stage1"), ("stage2", "semantic_detail", "stage2")]
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import nonneg_int, positive_int  # argparse types with a range
-    p.add_argument("--preset", nargs="+", default=["tiny", "small"], choices=sorted(BENCH_PRESETS),
-                   help="model sizes to time (default: tiny small)")
-    p.add_argument("--steps", type=positive_int, default=20, help="timed steps per variant")
-    p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed steps first")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="override the preset's batch size")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-
-
-def bench_config(preset: str, quantizer: str, stage: str, batch_size: int | None = None, device: str = "auto",
-                 precision: str = "fp32") -> TokenizerRunConfig:
-    pr = BENCH_PRESETS[preset]
-    return from_dict(TokenizerRunConfig, {
-        "data": {"image_size": pr["image_size"]},
-        "model": {**pr["model"], "quantizer": quantizer},
-        # GAN on from step 0 so the timing includes the discriminator; Eq. 7 steps reconstruct by L2 (no
-        # perceptual network is assumed to be available)
-        "loss": {"perceptual": "none", "disc_start": 0, "disc_layers": pr["disc_layers"], "disc_ndf": pr["disc_ndf"],
-                 "semantic_l2_weight": 1.0},
-        "train": {"stage": stage, "batch_size": batch_size or pr["batch_size"], "device": device,
-                  "precision": precision, "lr": 1e-4},
-    })
-
-
-def time_steps(trainer: VQTrainer, steps: int, warmup: int, image_size: int, batch: int) -> float:
-    """Steps per second of `trainer.train_step` on synthetic images (data loading excluded)."""
-    dev = trainer.info.device
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.rand(batch, 3, image_size, image_size, generator=g) * 2 - 1).to(dev)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    for s in range(warmup):
-        trainer.train_step(s, [x])
-    sync()
-    t0 = time.perf_counter()
-    for s in tqdm(range(warmup, warmup + steps), desc="timing", unit="step", leave=False):
-        trainer.train_step(s, [x])
-    sync()
-    return steps / (time.perf_counter() - t0)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    rows = []
-    for preset in args.preset:
-        base = None
-        for name, quantizer, stage in BENCH_VARIANTS:
-            cfg = bench_config(preset, quantizer, stage, args.batch_size, args.device, args.precision)
-            info = DistInfo(device=resolve_device(args.device))
-            trainer = VQTrainer(cfg, info, build_perceptual_module=False)
-            rate = time_steps(trainer, args.steps, args.warmup, cfg.data.image_size, cfg.train.batch_size)
-            base = base or rate
-            rows.append((preset, name, cfg.train.batch_size, rate, rate * cfg.train.batch_size, rate / base))
-            del trainer
-    print(f"{'preset':<7} {'variant':<18} {'batch':>5} {'steps/s':>9} {'img/s':>9} {'vs single':>9}")
-    for preset, name, b, rate, ips, ratio in rows:
-        print(f"{preset:<7} {name:<18} {b:>5} {rate:>9.2f} {ips:>9.1f} {ratio:>9.2f}")
     return 0

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from iar2.checkpoint import load_weights
 from iar2.config import from_dict
 from iar2.tokenizer.config import VQModelConfig
 from iar2.tokenizer.semantic_detail_quantizer import QuantOutput, build_quantizer
@@ -187,6 +188,15 @@ class VQModel(nn.Module):
     def is_dual(self) -> bool:
         return self.cfg.quantizer != "single"
 
+    def level_names(self) -> list[str]:
+        """The token levels, in the order of the level axis of `encode_indices` (and of tokenized codes)."""
+        return ["semantic", "detail"] if self.is_dual else ["single"]
+
+    def vocab_sizes(self) -> list[int]:
+        """Codebook size of each level, in `level_names` order."""
+        c = self.cfg
+        return [c.semantic_size, c.detail_size] if self.is_dual else [c.codebook_size]
+
     def grid(self, image_size: int) -> int:
         """Side of the token grid for square images of `image_size` pixels."""
         if image_size % self.cfg.downsample:
@@ -223,7 +233,7 @@ class VQModel(nn.Module):
         """(N, d) vectors used at lookup for `level` ('single' | 'semantic' | 'detail'), normalised where the
         quantiser normalises. For the unassociated dual codebook d = embed_dim / 2."""
         q = self.quantize
-        allowed = ("single",) if not self.is_dual else ("semantic", "detail")
+        allowed = self.level_names()
         if level not in allowed:
             raise ValueError(f"level {level!r} is not allowed for quantizer {self.cfg.quantizer!r}; "
                              f"allowed values: {', '.join(map(repr, allowed))}")
@@ -248,11 +258,27 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
     return path, path.with_suffix(".json")
 
 
+def vq_meta(path: str | Path) -> dict:
+    """The JSON that accompanies a VQ weights file or checkpoint folder ({} if none)."""
+    j = _locate(path)[1]
+    return json.loads(j.read_text()) if j.is_file() else {}
+
+
+def default_image_size(path: str | Path) -> int | None:
+    """The image size a VQ was trained at, if its metadata says so."""
+    m = vq_meta(path)
+    if isinstance(m.get("image_size"), int):
+        return m["image_size"]
+    for key in ("config", "train_config"):  # a checkpoint folder's meta / an exported vq.json
+        data = (m.get(key) or {}).get("data") or {}
+        if data.get("image_size"):
+            return data["image_size"]
+    return None
+
+
 def load_vq(path: str | Path, device: str | torch.device = "cpu") -> VQModel:
     """A VQModel in eval mode from `save_weights` output (x.safetensors + x.json holding {"model_config": ...})
     or a training checkpoint folder (model.safetensors + meta.json)."""
-    from iar2.checkpoint import load_weights
-
     weights, meta_path = _locate(path)
     hint = "train one with `iar2 vq train` or convert a released one with `iar2 vq import`"
     for p in (weights, meta_path):

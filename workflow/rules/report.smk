@@ -6,6 +6,7 @@ rule report:
     """reports/<scale>/: index.html (self-contained), report.md, claims.md, figures (PNG + SVG), provenance."""
     input:
         targets=ALL_TARGETS,
+        diagnosis=DIAG_TARGETS,  # the Diagnosis section (empty unless the scale file names runs)
         summary=f"{R}/{layout.SUMMARY}",
         paper=PAPER_FILES,  # the paper's numbers and claims the report sets ours beside
     output:

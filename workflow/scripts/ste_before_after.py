@@ -1,0 +1,124 @@
+"""Issue 13 §1: the reconstruction a scale's tokenizers reach with the old straight-through estimator, beside the DAG's.
+
+    python workflow/scripts/ste_before_after.py [--results results/default] [--tokenizers vq-16384 sd-256-4096]
+
+"After" is what the workflow already built (results/<scale>/tokenizers/<tok>/recon.json, with the paper's
+z + sg(c - z)). "Before" retrains the same tokenizers from the same configs, seeds and data with the estimator that
+commit 17e31dc replaced, c + (z - sg z), which lets the reconstruction (and perceptual, GAN) gradients reach the
+codebooks, then evaluates them with the recon_eval rule's settings. The old estimator is swapped in by patching the
+one function in this process only: nothing in the package changes, and the DAG's own artifacts are only read.
+Writes <out>/ste.json and prints a before/after table. Run it after the workflow has built the tokenizers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+METRICS = ("rfid", "psnr", "ssim", "lpips")
+
+
+def _legacy_straight_through(z, c):
+    # The estimator before 17e31dc: forward value c, gradient identity to z AND to the codebook rows in c.
+    return (c + (z - z.detach())).permute(0, 3, 1, 2).contiguous()
+
+
+def _run(argv: list[str]) -> None:
+    from iar2.cli import main
+
+    rc = main(argv)
+    if rc:
+        raise SystemExit(f"iar2 {' '.join(argv)} exited {rc}")
+
+
+def _stages(results: Path, tok: str) -> list[str]:
+    cfgs = results / "configs" / "tokenizer"
+    if (cfgs / f"{tok}-stage2.yaml").is_file():
+        return ["stage1", "stage2"]
+    if (cfgs / f"{tok}-single.yaml").is_file():
+        return ["single"]
+    raise SystemExit(f"{cfgs}/{tok}-*.yaml not found: build the tokenizer first (snakemake {results}/tokenizers/"
+                     f"{tok}/recon.json)")
+
+
+def _retrain(results: Path, tok: str, out: Path) -> Path:
+    """Train tok's stages with the legacy estimator under out/<tok>; returns the final weights."""
+    weights = None
+    for stage in _stages(results, tok):
+        run_dir = out / tok / (stage if stage == "stage1" else "")
+        sets = []
+        if stage == "stage2":  # start from the legacy stage 1, not the DAG's
+            sets = ["--set", f"train.init_from={out / tok / 'stage1' / 'vq.safetensors'}"]
+        if not (run_dir / "vq.safetensors").is_file():
+            _run(["vq", "train", "--config", str(results / "configs" / "tokenizer" / f"{tok}-{stage}.yaml"),
+                  *sets, "--out", str(run_dir), "--resume", "auto"])
+        weights = run_dir / "vq.safetensors"
+    return weights
+
+
+def _eval(results: Path, scale_cfg: dict, vq: Path, out: Path) -> dict:
+    e = scale_cfg.get("recon_eval", {})
+    if not out.is_file():
+        argv = ["vq", "eval", "--vq", str(vq), "--data", scale_cfg["data"]["root"],
+                "--report", str(results / "data" / "check.json"), "--out", str(out)]
+        if e.get("extractor"):
+            argv += ["--extractor", e["extractor"]]
+        if e.get("perceptual"):
+            argv += ["--perceptual", e["perceptual"]]
+        if e.get("extractor") == "domain" or e.get("perceptual") == "domain":
+            argv += ["--domain-net", str(results / "refnet" / "refnet.safetensors")]
+        if e.get("max_images"):
+            argv += ["--max-images", str(e["max_images"])]
+        _run(argv)
+    return json.loads(out.read_text())
+
+
+def _pick(recon: dict) -> dict:
+    return {k: recon.get(k) for k in METRICS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default="results/default", help="the scale's results folder (built by the DAG)")
+    ap.add_argument("--scale-file", default=None, help="params/<scale>.yaml (default: from the results folder name)")
+    ap.add_argument("--tokenizers", nargs="+", default=["vq-16384", "sd-256-4096"], help="tokenizer ids")
+    ap.add_argument("--out", default=None, help="output folder (default: <results>/diagnose/ste)")
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    scale_file = Path(args.scale_file or f"params/{results.name}.yaml")
+    scale_cfg = yaml.safe_load(scale_file.read_text())
+    out = Path(args.out or results / "diagnose" / "ste")
+    out.mkdir(parents=True, exist_ok=True)
+
+    import iar2.tokenizer.semantic_detail_quantizer as sdq
+
+    paper_st = sdq._straight_through
+    rows = {}
+    for tok in args.tokenizers:
+        after_file = results / "tokenizers" / tok / "recon.json"
+        if not after_file.is_file():
+            raise SystemExit(f"{after_file} not found: build it first (snakemake {after_file})")
+        sdq._straight_through = _legacy_straight_through
+        try:
+            weights = _retrain(results, tok, out)
+        finally:
+            sdq._straight_through = paper_st
+        before = _eval(results, scale_cfg, weights, out / tok / "recon.json")
+        rows[tok] = {"legacy c + (z - sg z)": _pick(before), "paper z + sg(c - z)": _pick(json.loads(after_file.read_text()))}
+    tmp = out / f"ste.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(out / "ste.json")
+    print(f"{'tokenizer':<14} {'estimator':<22} " + " ".join(f"{m:>8}" for m in METRICS))
+    for tok, r in rows.items():
+        for name, m in r.items():
+            print(f"{tok:<14} {name:<22} " + " ".join(f"{m[k]:8.3f}" if isinstance(m[k], (int, float)) else
+                                                     f"{'-':>8}" for k in METRICS))
+    print(f"written {out / 'ste.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
