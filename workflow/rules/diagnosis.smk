@@ -113,7 +113,8 @@ rule diagnose_budget:
     output:
         f"{R}/{layout.diagnosis_budget()}",
     params:
-        results=R,
+        # the results folder, from the output (a path prefix the linter wants derived, not spelled)
+        results=lambda w, output: output[0][: -len(layout.diagnosis_budget()) - 1],
         runs=" ".join(shlex.quote(r) for r in DIAG_RUNS),
         toks=" ".join(shlex.quote(t) for t in DIAG_TOKS),
     localrule: True
