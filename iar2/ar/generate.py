@@ -5,7 +5,7 @@ tokens are picked by inverse-CDF sampling with one uniform per (token, level). S
 depend only on (model, label, seed, sample index): not on the batch size, the number of GPUs, the
 shard it falls in or a resume.
 
-CFG batches are [cond; uncond] (2B rows, null class = num_classes); the picked token is fed to both halves.
+CFG batches are [cond; uncond] (2B rows, the model's null class); the picked token is fed to both halves.
 """
 from __future__ import annotations
 

@@ -9,6 +9,10 @@ fused_hierarchical  (k, j) pairs, fused     m                    local-context A
 
 Token fusion (Eq. 12): h_i = MLP([Emb_s(k_i); Emb_d(j_i)]). Losses: Eq. 14 for pairs
 (s * CE_semantic + CE_detail), IAR's token CE + lambda * cluster CE for a rearranged single codebook.
+
+Decoding: the model decodes itself. `decoding()` opens a DecodeState (with KV caches), `predict_step` gives the
+logits of the next token in `decode_order()`, `append_token` takes the pick; the sampler (iar2/ar/generate.py)
+only loops, guides and picks.
 """
 from __future__ import annotations
 
