@@ -89,12 +89,12 @@ def test_kv_cached_forward_equals_full_forward():
     labels = torch.tensor([0, 2, 4])
     full = bb(labels, x[:, :-1])
     bb.setup_caches(3)
-    steps = [bb.step(bb.label_embed(labels)[:, None], torch.tensor([0]))]
-    steps += [bb.step(x[:, t:t + 1], torch.tensor([t + 1])) for t in range(15)]
+    steps = [bb.step(bb.label_embed(labels)[:, None], torch.tensor([0]))[0]]
+    steps += [bb.step(x[:, t:t + 1], torch.tensor([t + 1]))[0] for t in range(15)]
     assert torch.allclose(full, torch.cat(steps, 1), atol=1e-5)
     # a multi-token prefill through the cache gives the same states too
     bb.setup_caches(3)
-    pre = bb.step(torch.cat([bb.label_embed(labels)[:, None], x[:, :7]], 1), torch.arange(8))
+    pre, _ = bb.step(torch.cat([bb.label_embed(labels)[:, None], x[:, :7]], 1), torch.arange(8))
     assert torch.allclose(full[:, :8], pre, atol=1e-5)
 
 

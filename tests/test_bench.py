@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from iar2.ar.generate import cpu_has_native_bf16, sampling_autocast
 from iar2.bench import sample as bench_sample, train as bench_train
-from iar2.bench.bound import linear_uses, weight_bytes
+from iar2.bench.bound import linear_uses, row_factors, weight_bytes
 from iar2.bench.timing import interleaved, ratio, stats
 from test_ar_model import tiny
 
@@ -46,6 +46,14 @@ def test_the_bound_counts_the_iar2_head_twice_and_everything_else_once():
     assert single["output"] == 1 and all(v == 1 for v in single.values())
 
 
+def test_the_actual_shapes_carry_the_semantic_slots_and_the_gathered_neighbours():
+    model = tiny("fused_hierarchical")
+    assert row_factors(model, "head.blocks.0.attention.wqkv", 2) == [2, 1]  # [c, h], then the detail slot
+    assert row_factors(model, "head.context.mlp1.0", 1) == [12]
+    assert row_factors(model, "backbone.layers.0.feed_forward.w1", 1) == [1]
+    assert row_factors(tiny("fused_hierarchical", local_context="none"), "head.blocks.0.attention.wo", 2) == [1, 1]
+
+
 def _args(module, argv):
     p = argparse.ArgumentParser()
     module.add_bench_arguments(p)
@@ -64,6 +72,7 @@ def test_bench_sample_reports_ms_per_step_bound_ratio_and_kv_speedup(tmp_path, c
         r = res["results"][fam]
         assert r["ms_per_step"]["n"] == 2 and r["bound_ms"]["n"] == 2 and r["uncached_ms_per_step"]["n"] == 1
         assert r["ratio_to_bound"]["min"] == pytest.approx(r["ms_per_step"]["min"] / r["bound_ms"]["min"])
+        assert r["ratio_to_gemm"]["median"] == pytest.approx(r["ms_per_step"]["median"] / r["gemm_ms"]["median"])
         assert r["kv_speedup"]["median"] == pytest.approx(r["uncached_ms_per_step"]["median"]
                                                           / r["ms_per_step"]["median"])
     assert "ratio min" in capsys.readouterr().out

@@ -103,17 +103,13 @@ def test_alpha_is_the_attention_paid_to_the_condition_token():
     assert (alphas >= 0).all() and (alphas <= 1).all()
     assert torch.allclose(alphas[0], torch.ones(2))  # the class token attends only to itself
     assert (alphas[1:] < 1).all()
-    # compare with a direct computation on the last layer for step 1: softmax over keys, key 0 = class token
+    # compare with the last layer's attention over the whole (uncached) sequence at step 1, key 0 = class token
     bb = model.backbone
-    att = bb.layers[-1].attention
     toks = generate(model, torch.tensor([0, 1]), torch.arange(2), cfg("pag"))
-    att.record_attn = True
     labels2 = torch.tensor([0, 1, model.cfg.num_classes, model.cfg.num_classes])
-    x = model.tok_embeddings(torch.cat([toks, toks])[:, :1])
-    bb(labels2, x)
-    direct = att.attn_to_cond[:2, :, 1].mean(1)
-    att.record_attn = False
-    assert torch.allclose(direct, alphas[1], atol=1e-5)
+    x = torch.cat([bb.label_embed(labels2)[:, None], model.tok_embeddings(torch.cat([toks, toks])[:, :1])], 1)
+    _, to_class = bb.step(x, 0, class_attn_layer=-1)
+    assert torch.allclose(to_class[:2, :, 1].mean(1), alphas[1], atol=1e-5)
 
 
 def test_top_k_one_is_argmax_and_top_p_keeps_the_nucleus():

@@ -5,7 +5,7 @@ tokens are picked by inverse-CDF sampling with one uniform per (token, level). S
 depend only on (model, label, seed, sample index): not on the batch size, the number of GPUs, the
 shard it falls in or a resume.
 
-CFG batches are [cond; uncond] (2B rows, null class = num_classes); the picked token is fed to both halves.
+CFG batches are [cond; uncond] (2B rows, the model's null class); the picked token is fed to both halves.
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iar2.ar.gpt import compute_dtype
 from iar2.ar.model import ARModel
-from iar2.ar.pag_cfg import GuidanceConfig, apply_cfg, guidance_scale
+from iar2.ar.pag_cfg import GuidanceConfig, apply_cfg, attention_alpha, guidance_scale
 
 
 @dataclass
@@ -66,136 +65,36 @@ def pick(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int, 
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=V - 1)
 
 
-# ----------------------------------------------------------------------------- backbone driver
-
-class _Decoder:
-    """Feeds one position at a time to the backbone, with or without a KV cache; records alpha."""
-
-    def __init__(self, model: ARModel, labels2: torch.Tensor, kv_cache: bool, guidance: GuidanceConfig):
-        self.model, self.bb = model, model.backbone
-        self.labels2, self.kv_cache = labels2, kv_cache
-        self.prefix: list[torch.Tensor] = []
-        self.pos = 0
-        self.record = self.bb.layers[guidance.attn_layer].attention if guidance.needs_attention else None
-        self.heads = guidance.attn_heads
-        if kv_cache:
-            self.bb.setup_caches(labels2.shape[0])
-
-    def advance(self, x_emb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x_emb (2B, D) of the previous token (None: start with the class token) -> (h (2B, D), alpha (B,))."""
-        if self.record is not None:
-            self.record.record_attn = True
-        if self.kv_cache:
-            inp = self.bb.label_embed(self.labels2) if x_emb is None else x_emb
-            h = self.bb.step(inp[:, None], self.pos)[:, -1]
-        else:
-            if x_emb is not None:
-                self.prefix.append(x_emb)
-            D = self.bb.cfg.dim
-            x = torch.stack(self.prefix, 1) if self.prefix else torch.zeros(len(self.labels2), 0, D,
-                                                                             device=self.labels2.device)
-            h = self.bb(self.labels2, x)[:, -1]
-        self.pos += 1
-        alpha = None
-        if self.record is not None:
-            a = self.record.attn_to_cond[:, :, -1]  # (2B, H): the newest query's weight on the class token
-            a = a.mean(1) if self.heads == "mean" else a.amax(1)
-            alpha = a[: a.shape[0] // 2].float()  # conditional half
-            self.record.record_attn = False
-        return h, alpha
-
-    def close(self):
-        self.bb.clear_caches()
-
-
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
 def generate(model: ARModel, labels: torch.Tensor, indices: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Sample token maps for `labels` (B,); `indices` (B,) are the samples' global indices (randomness).
 
-    Returns (B, m) for a single codebook, (B, 2, m) [semantic, detail] for pairs.
+    The model decodes itself (ARModel.decoding / predict_step / append_token); this is the loop, the
+    guidance and the picking. Returns (B, m) for a single codebook, (B, 2, m) [semantic, detail] for pairs.
     """
     model.eval()
-    mc = model.cfg
-    M = mc.grid ** 2
+    order = model.decode_order()
+    levels, M = 1 + max(lvl for lvl, _ in order), 1 + max(i for _, i in order)
     B = labels.shape[0]
     g = cfg.guidance
-    if g.guided and mc.class_dropout <= 0:
+    if g.guided and model.null_class is None:
         raise ValueError("classifier-free guidance needs a model trained with class dropout (it has no null class); "
                          "use guidance mode 'none'")
-    null = torch.full_like(labels, mc.num_classes)
-    labels2 = torch.cat([labels, null]) if g.guided else labels
+    rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if g.guided else labels
     u = uniform_streams(cfg.seed, indices, 2 * M).view(B, 2, M)
-    dec = _Decoder(model, labels2, cfg.kv_cache, g)
-
-    def choose(logits, level, i, alpha):
-        if g.guided:
-            logits = apply_cfg(logits, guidance_scale(g, level, i, M, alpha))
-        tok = pick(logits, u[:, level, i], cfg.temperature[level], cfg.top_k[level], cfg.top_p[level])
-        return tok
-
-    def dup(t):  # the same token goes to the conditional and the unconditional rows
-        return torch.cat([t, t]) if g.guided else t
-
-    def embed(emb, t):  # embed B rows once, then give them to both halves (a gather: the same values)
-        return dup(emb(t))
-
-    out = torch.zeros(B, 1 if mc.paradigm == "single" else 2, M, dtype=torch.long, device=labels.device)
-    norm = model.norm
-    try:
-        if mc.paradigm == "single":
-            x = None
-            for i in range(M):
-                h, a = dec.advance(x)
-                tok = choose(model.output(norm(h)), 0, i, a)
-                out[:, 0, i] = tok
-                x = embed(model.tok_embeddings, tok)
-        elif mc.paradigm in ("alternating", "grouped"):
-            order = ([(lvl, i) for i in range(M) for lvl in (0, 1)] if mc.paradigm == "alternating"
-                     else [(lvl, i) for lvl in (0, 1) for i in range(M)])
-            x = None
-            for lvl, i in order:
-                h, a = dec.advance(x)
-                head, emb = (model.output1, model.tok_embeddings1) if lvl == 0 else (model.output2, model.tok_embeddings2)
-                tok = choose(head(norm(h)), lvl, i, a)
-                out[:, lvl, i] = tok
-                x = embed(emb, tok)
-        else:
-            x = None
-            hier = mc.paradigm == "fused_hierarchical"
-            if hier and cfg.kv_cache:
-                p0 = next(model.parameters())
-                model.head.setup_cache(labels2.shape[0], compute_dtype(model), p0.device)
-            use_ctx = hier and model.head.use_context
-            if use_ctx:
-                model.head.context.decode_zero = model.head.context.zero_feature(labels2.new_zeros(1, mc.dim,
-                                                                                  dtype=compute_dtype(model)))
-            H = None
-            for i in range(M):
-                h, a = dec.advance(x)
-                if mc.paradigm == "fused_independent":
-                    hn = norm(h)
-                    k = choose(model.output1(hn), 0, i, a)
-                    j = choose(model.output2(hn), 1, i, a)
-                else:
-                    ctx = None
-                    if use_ctx:
-                        H = h.new_zeros(h.shape[0], M + 1, h.shape[1]) if H is None else H
-                        H[:, i] = h
-                        states = H if mc.context_source == "official" else H[:, 1:]
-                        ctx = model.head.context(states, cell=i)[:, 0]
-                    k = choose(model.head.predict_semantic(h, ctx, norm), 0, i, a)
-                    j = choose(model.head.predict_detail(h, ctx, embed(model.tok_embeddings1, k), norm), 1, i, a)
-                out[:, 0, i], out[:, 1, i] = k, j
-                x = model.embed_pairs(dup(k), dup(j))
-    finally:
-        dec.close()
-        if mc.paradigm == "fused_hierarchical":
-            model.head.clear_cache()
-            if model.head.use_context:
-                model.head.context.decode_zero = None
-    return out[:, 0] if mc.paradigm == "single" else out
+    out = torch.zeros(B, levels, M, dtype=torch.long, device=labels.device)
+    with model.decoding(rows, cfg.kv_cache, g.attn_layer if g.needs_attention else None) as state:
+        for level, i in order:
+            logits, class_attn = model.predict_step(state, level)
+            if g.guided:
+                alpha = attention_alpha(g, class_attn) if g.needs_attention else None
+                logits = apply_cfg(logits, guidance_scale(g, level, i, M, alpha))
+            tok = pick(logits, u[:, level, i], cfg.temperature[level], cfg.top_k[level], cfg.top_p[level])
+            out[:, level, i] = tok
+            model.append_token(state, level, torch.cat([tok, tok]) if g.guided else tok)  # both halves
+    return out[:, 0] if levels == 1 else out
 
 
 # ----------------------------------------------------------------------------- precision

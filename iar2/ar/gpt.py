@@ -171,11 +171,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.resid_drop = nn.Dropout(cfg.resid_dropout)
         self.kv_cache: KVCache | None = None
-        self.record_attn = False  # when set, keep the probability each query pays to key 0 (the class token)
-        self.attn_to_cond: torch.Tensor | None = None
 
-    def forward(self, x, rope, start: int | None = None):
-        """Full causal pass (start None), or with the KV cache: x holds positions start..start+S-1."""
+    def forward(self, x, rope, start: int | None = None, class_attn: bool = False):
+        """Full causal pass (start None), or with the KV cache: x holds positions start..start+S-1.
+
+        Returns (output, attention each query pays to key 0, the class token (B, H, S); None unless class_attn)."""
         B, S, D = x.shape
         qkv = self.wqkv(x).view(B, S, 3, self.n_head, self.head_dim)
         qk = apply_rope(qkv[:, :, :2], rope)  # q and k in one pass
@@ -183,13 +183,14 @@ class Attention(nn.Module):
         if self.kv_cache is not None and start is not None:
             k, v = self.kv_cache.update(start, k, v)
         n_keys = k.shape[2]
-        if self.record_attn:
+        to_class = None
+        if class_attn:
             # explicit softmax so the attention paid to the class token (key 0) can be read
             scores = ((q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)).float()
             if S > 1:
                 scores = scores.masked_fill(~causal_mask(S, n_keys, x.device), float("-inf"))
             probs = scores.softmax(-1)
-            self.attn_to_cond = probs[..., 0]  # (B, H, S): each head's weight on the class token
+            to_class = probs[..., 0]
             y = probs.type_as(v) @ v
         elif S == 1:  # one new query sees every cached key
             y = F.scaled_dot_product_attention(q, k, v)
@@ -198,7 +199,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(S, n_keys, x.device))
         y = y.transpose(1, 2).reshape(B, S, D)
-        return self.resid_drop(self.wo(y))
+        return self.resid_drop(self.wo(y)), to_class
 
 
 class TransformerBlock(nn.Module):
@@ -209,9 +210,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, rope, start: int | None = None):
-        h = x + self.attention(self.attention_norm(x), rope, start)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, rope, start: int | None = None, class_attn: bool = False):
+        """-> (output, the attention's weights on the class token or None; see Attention.forward)."""
+        a, to_class = self.attention(self.attention_norm(x), rope, start, class_attn)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), to_class
 
 
 class LabelEmbedding(nn.Module):
@@ -252,7 +255,7 @@ class Backbone(Fp32Rope):
         h = self.tok_drop(torch.cat([c, x_emb], dim=1))
         rope = self.rope[: h.shape[1]]
         for layer in self.layers:
-            h = layer(h, rope)
+            h, _ = layer(h, rope)
         return h
 
     # ---- incremental decoding with a KV cache
@@ -267,16 +270,22 @@ class Backbone(Fp32Rope):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
-    def step(self, h_in: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-        """Feed embeddings h_in (B, S, D) at sequence positions start..start+S-1 using the KV caches.
-        `start` may also be the positions themselves (a tensor of consecutive positions)."""
+    def step(self, h_in: torch.Tensor, start: int | torch.Tensor, class_attn_layer: int | None = None):
+        """Feed embeddings h_in (B, S, D) at sequence positions start..start+S-1 through the KV caches, or,
+        without caches, a whole sequence from start 0 (the class embedding first). `start` may also be the
+        positions themselves (a tensor of consecutive positions).
+
+        Returns (hidden states (B, S, D), the attention layer `class_attn_layer` (a python index) pays to the
+        class token: (B, H, S) probabilities, None when no layer is asked for). PAG-CFG reads the latter."""
         if torch.is_tensor(start):
             start = int(start.reshape(-1)[0])
         rope = self.rope[start:start + h_in.shape[1]]
-        h = h_in
-        for layer in self.layers:
-            h = layer(h, rope, start)
-        return h
+        want = None if class_attn_layer is None else class_attn_layer % len(self.layers)
+        h, to_class = h_in, None
+        for i, layer in enumerate(self.layers):
+            h, a = layer(h, rope, start, class_attn=i == want)
+            to_class = a if a is not None else to_class
+        return h, to_class
 
     def label_embed(self, labels):
         return self.cls_embedding(labels, train=False)

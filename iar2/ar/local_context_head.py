@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from iar2.ar.gpt import BackboneConfig, Fp32Rope, TransformerBlock
+from iar2.ar.gpt import BackboneConfig, Fp32Rope, KVCache, TransformerBlock
 
 # (drow, dcol) of the 12 causal neighbours, in the order their features are concatenated
 WINDOW_OFFSETS = [(-2, -2), (-2, -1), (-2, 0), (-2, 1), (-2, 2),
@@ -74,16 +74,14 @@ class LocalContext(nn.Module):
         D = h.shape[-1]
         return self.mlp1(h.new_zeros(1, D))[0] if self.mode == "compressed" else h.new_zeros(D)
 
-    # set by the sampler for one generation (weights fixed): the zero feature, computed once, not per cell
-    decode_zero: torch.Tensor | None = None
-
-    def forward(self, h: torch.Tensor, cell: int | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cell: int | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
         """h: (B, P, D) per-cell backbone states; row q is the state neighbour q contributes (for source
         "token" the owner passes the outputs shifted by one). Returns contexts (B, P, D) for all cells, or
-        (B, 1, D) for one `cell` (incremental decoding: only its 12 neighbours are touched)."""
+        (B, 1, D) for one `cell` (incremental decoding: only its 12 neighbours are touched). `zero`: the
+        zero_feature, when the caller computed it once for a whole decode."""
         B, P, D = h.shape
         compressed = self.mode == "compressed"
-        zero = self.decode_zero if cell is not None and self.decode_zero is not None else self.zero_feature(h)
+        zero = self.zero_feature(h) if zero is None else zero
         if cell is None:
             feats = self.mlp1(h) if compressed else h  # per-row MLP first: cheaper than per (cell, neighbour)
             g = feats[:, self.idx[:P]]  # (B, P, 12, F)
@@ -127,13 +125,11 @@ class SemanticDetailHead(Fp32Rope):
         last: normalise only the last slot (the one whose logits are read)."""
         rope = self.rope[: seq.shape[1]] if start is None else self.rope[start:start + seq.shape[1]]
         for blk in self.blocks:
-            seq = blk(seq, rope, start)
+            seq, _ = blk(seq, rope, start)
         return norm(seq[:, -1]) if last else norm(seq)
 
     def setup_cache(self, batch: int, dtype, device) -> None:
         """KV caches for incremental decoding: the semantic step fills [c, h], the detail step adds one slot."""
-        from iar2.ar.gpt import KVCache
-
         attn = self.blocks[0].attention
         for blk in self.blocks:
             blk.attention.kv_cache = KVCache(batch, self.rope.shape[0], attn.n_head, attn.head_dim, dtype, device)

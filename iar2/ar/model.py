@@ -9,9 +9,15 @@ fused_hierarchical  (k, j) pairs, fused     m                    local-context A
 
 Token fusion (Eq. 12): h_i = MLP([Emb_s(k_i); Emb_d(j_i)]). Losses: Eq. 14 for pairs
 (s * CE_semantic + CE_detail), IAR's token CE + lambda * cluster CE for a rearranged single codebook.
+
+Decoding: the model decodes itself. `decoding()` opens a DecodeState (with KV caches), `predict_step` gives the
+logits of the next token in `decode_order()`, `append_token` takes the pick; the sampler (iar2/ar/generate.py)
+only loops, guides and picks.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from iar2.ar.gpt import SIZES, Backbone, BackboneConfig, RMSNorm, init_weights
+from iar2.ar.gpt import SIZES, Backbone, BackboneConfig, RMSNorm, compute_dtype, init_weights
 from iar2.ar.local_context_head import SemanticDetailHead, _mlp
 from iar2.config import ConfigError
 
@@ -73,6 +79,24 @@ class ARModelConfig:
                               class_dropout=self.class_dropout, token_dropout=self.token_dropout,
                               resid_dropout=self.resid_dropout, ffn_dropout=self.ffn_dropout,
                               grid=self.grid, layout=layout, rope_compat=self.rope_compat)
+
+
+@dataclass
+class DecodeState:
+    """What one generation carries from step to step (made by ARModel.decoding). Its rows are whatever the
+    caller decodes: for classifier-free guidance, conditional and unconditional rows alike."""
+    labels: torch.Tensor  # (R,) class of each row
+    kv_cache: bool
+    class_attn_layer: int | None  # backbone layer whose attention to the class token predict_step returns
+    next_input: torch.Tensor  # (R, D) embedding fed at the next backbone step: the class token, then tokens
+    pos: int = 0  # next backbone position
+    inputs: list[torch.Tensor] = field(default_factory=list)  # without KV caches: every embedding fed so far
+    h: torch.Tensor | None = None  # (R, D) backbone output of this step (a fused step's two levels share it)
+    class_attn: torch.Tensor | None = None  # (R, H) this step's attention to the class token, per head
+    semantic: torch.Tensor | None = None  # fused: the semantic token picked this step
+    states: torch.Tensor | None = None  # local context: backbone outputs so far, (R, cells + 1, D)
+    ctx: torch.Tensor | None = None  # local context of this step's cell (read by both levels)
+    ctx_zero: torch.Tensor | None = None  # the local context's out-of-grid feature, computed once
 
 
 class ARModel(nn.Module):
@@ -153,6 +177,87 @@ class ARModel(nn.Module):
         ctx = self.head.context(self.context_states(H)) if self.head.use_context else None
         sem, det = self.head(H, ctx, self.tok_embeddings1(k), self.norm)
         return {"semantic": sem, "detail": det}
+
+    # ------------------------------------------------------------------ decoding, one token at a time
+    @property
+    def null_class(self) -> int | None:
+        """The unconditional class that classifier-free guidance needs (None: trained without class dropout)."""
+        return self.cfg.num_classes if self.cfg.class_dropout > 0 else None
+
+    def decode_order(self) -> list[tuple[int, int]]:
+        """(level, cell) of every token in the order they are sampled (level 0: semantic or the single token)."""
+        M, p = self.cfg.grid ** 2, self.cfg.paradigm
+        if p == "single":
+            return [(0, i) for i in range(M)]
+        if p == "grouped":
+            return [(lvl, i) for lvl in (0, 1) for i in range(M)]
+        return [(lvl, i) for i in range(M) for lvl in (0, 1)]  # alternating and fused: k_i then j_i
+
+    @contextmanager
+    def decoding(self, labels: torch.Tensor, kv_cache: bool = True,
+                 class_attn_layer: int | None = None) -> Iterator[DecodeState]:
+        """A decode of rows of class `labels` (R,): KV caches for its length, dropped on exit."""
+        hier = self.cfg.paradigm == "fused_hierarchical"
+        dtype = compute_dtype(self)
+        state = DecodeState(labels, kv_cache, class_attn_layer, next_input=self.backbone.label_embed(labels))
+        if hier and self.head.use_context:  # a constant of the weights: once per decode, not per cell
+            state.ctx_zero = self.head.context.zero_feature(labels.new_zeros(1, self.cfg.dim, dtype=dtype))
+        try:
+            if kv_cache:
+                self.backbone.setup_caches(len(labels))
+                if hier:
+                    self.head.setup_cache(len(labels), dtype, labels.device)
+            yield state
+        finally:
+            self.backbone.clear_caches()
+            if hier:
+                self.head.clear_cache()
+
+    def predict_step(self, state: DecodeState, level: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (R, V) of the next token in decode_order, which is at `level`, and the backbone's attention
+        to the class token at this step ((R, H); None unless decoding() asked for a layer)."""
+        p = self.cfg.paradigm
+        if level == 0 or p in ("alternating", "grouped"):  # a fused step's detail level reuses its backbone output
+            self._backbone_step(state)
+        h = state.h
+        if p == "single":
+            logits = self.output(self.norm(h))
+        elif p in ("alternating", "grouped", "fused_independent"):
+            logits = (self.output1 if level == 0 else self.output2)(self.norm(h))
+        elif level == 0:
+            if self.head.use_context:
+                cell = state.pos - 1
+                if state.states is None:
+                    state.states = h.new_zeros(h.shape[0], self.cfg.grid ** 2 + 1, h.shape[1])
+                state.states[:, cell] = h
+                states = state.states if self.cfg.context_source == "official" else state.states[:, 1:]
+                state.ctx = self.head.context(states, cell=cell, zero=state.ctx_zero)[:, 0]
+            logits = self.head.predict_semantic(h, state.ctx, self.norm)
+        else:
+            logits = self.head.predict_detail(h, state.ctx, self.tok_embeddings1(state.semantic), self.norm)
+        return logits, state.class_attn
+
+    def append_token(self, state: DecodeState, level: int, tokens: torch.Tensor) -> None:
+        """Give the model the tokens (R,) just picked at `level`; they are fed at the next backbone step."""
+        p = self.cfg.paradigm
+        if p == "single":
+            state.next_input = self.tok_embeddings(tokens)
+        elif p in ("alternating", "grouped"):
+            state.next_input = (self.tok_embeddings1 if level == 0 else self.tok_embeddings2)(tokens)
+        elif level == 0:
+            state.semantic = tokens
+        else:
+            state.next_input = self.embed_pairs(state.semantic, tokens)
+
+    def _backbone_step(self, state: DecodeState) -> None:
+        if state.kv_cache:
+            h, attn = self.backbone.step(state.next_input[:, None], state.pos, state.class_attn_layer)
+        else:  # the whole sequence again (the reference the cached path must equal)
+            state.inputs.append(state.next_input)
+            h, attn = self.backbone.step(torch.stack(state.inputs, 1), 0, state.class_attn_layer)
+        state.pos += 1
+        state.h = h[:, -1]
+        state.class_attn = None if attn is None else attn[:, :, -1]
 
     # ------------------------------------------------------------------ losses
     def loss(self, out: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -60,6 +60,13 @@ def guidance_scale(cfg: GuidanceConfig, level: int, i: int, M: int, alpha: torch
     return 1.0
 
 
+def attention_alpha(cfg: GuidanceConfig, class_attn: torch.Tensor) -> torch.Tensor:
+    """alpha_i (B,) from a step's attention to the class token (2B, H) over [cond; uncond] rows: heads
+    aggregated as configured, conditional rows only."""
+    a = class_attn.mean(1) if cfg.attn_heads == "mean" else class_attn.amax(1)
+    return a[: a.shape[0] // 2].float()
+
+
 def apply_cfg(logits: torch.Tensor, scale) -> torch.Tensor:
     """logits (2B, V) as [cond; uncond] -> guided (B, V) (Eq. 16); scale float or (B,)."""
     c, u = logits.chunk(2, dim=0)

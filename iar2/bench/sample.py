@@ -1,8 +1,9 @@
 """`iar2 bench sample`: decode ms/step against the weights-read bound, and the KV-cache speed-up.
 
-Cases (families x {cached, uncached}) and the bound run in interleaved rounds (iar2/bench/timing.py), with
-the thread count and dtype given, so every ratio comes from one run on one machine state. Models have random
-weights (speed does not depend on them) at the paper's sizes; CFG doubles the rows (batch B -> 2B).
+Cases (families x {cached, uncached}), the bound and the step's GEMMs at their real shapes (bound.py) run in
+interleaved rounds (iar2/bench/timing.py), with the thread count and dtype given, so every ratio comes from one
+run on one machine state. Models have random weights (speed does not depend on them) at the paper's sizes; CFG
+doubles the rows (batch B -> 2B).
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def measure(args) -> dict:
 
         cases[f"{fam}/decode"] = run
         cases[f"{fam}/bound"] = weights_read_step(model, rows, dev, dtype)
+        cases[f"{fam}/gemm"] = weights_read_step(model, rows, dev, dtype, shapes="actual")
         if args.kv_repeats:
             cases[f"{fam}/uncached"] = lambda run=run: run(kv=False)
             limit[f"{fam}/uncached"] = args.kv_repeats
@@ -87,7 +89,9 @@ def measure(args) -> dict:
     for fam in fams:
         step = stats(times[f"{fam}/decode"], 1e3 / M)
         bound = stats(times[f"{fam}/bound"], 1e3)
+        gemm = stats(times[f"{fam}/gemm"], 1e3)
         r = {"ms_per_step": step, "bound_ms": bound, "ratio_to_bound": ratio(step, bound),
+             "gemm_ms": gemm, "ratio_to_gemm": ratio(step, gemm),
              "weight_mb_per_step": weight_bytes(models[fam]) / 2**20,
              "params_m": sum(p.numel() for p in models[fam].parameters()) / 1e6}
         if args.kv_repeats:
@@ -106,13 +110,16 @@ def report(out: dict) -> str:
     lines = [f"decode, {s['size']} {s['grid']}x{s['grid']}, batch {s['batch']} ({s['rows']} rows), {s['dtype']}, "
              f"{out['threads']} threads, {s['repeats']} interleaved rounds, commit {out['commit']}",
              f"{'model':10s} {'ms/step min':>11s} {'median':>7s} {'bound min':>9s} {'median':>7s} "
-             f"{'ratio min':>9s} {'median':>7s} {'KV x min':>8s} {'median':>7s}"]
+             f"{'ratio min':>9s} {'median':>7s} {'GEMMs min':>9s} {'median':>7s} {'ratio min':>9s} {'median':>7s} "
+             f"{'KV x min':>8s} {'median':>7s}"]
     for fam, r in out["results"].items():
         kv = r.get("kv_speedup", {"min": float("nan"), "median": float("nan")})
         # KV x min: the fastest uncached over the fastest cached (min / min), as the other ratios
         lines.append(f"{fam:10s} {r['ms_per_step']['min']:11.1f} {r['ms_per_step']['median']:7.1f} "
                      f"{r['bound_ms']['min']:9.1f} {r['bound_ms']['median']:7.1f} "
                      f"{r['ratio_to_bound']['min']:9.2f} {r['ratio_to_bound']['median']:7.2f} "
+                     f"{r['gemm_ms']['min']:9.1f} {r['gemm_ms']['median']:7.1f} "
+                     f"{r['ratio_to_gemm']['min']:9.2f} {r['ratio_to_gemm']['median']:7.2f} "
                      f"{kv['min']:8.1f} {kv['median']:7.1f}")
     return "\n".join(lines)
 
