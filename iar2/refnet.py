@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from iar2.checkpoint import check_finite, load_meta, load_weights, save_weights
-from iar2.config import from_dict, to_dict
+from iar2.cli import add_config_arguments, load_run_config
+from iar2.config import ConfigError, from_dict, to_dict
 from iar2.distributed import DistInfo
 from iar2.training import Job, Loop, NonFiniteGuard, grad_norm
 
@@ -47,8 +48,6 @@ class RefNetConfig:
     norm_groups: int = field(default=8, metadata={"min": 1})
 
     def validate(self, prefix: str = "") -> None:
-        from iar2.config import ConfigError
-
         p = f"{prefix}." if prefix else ""
         if not self.widths:
             raise ConfigError(f"{p}widths: needs at least one stage")
@@ -263,7 +262,6 @@ class RefNetRunConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from iar2.cli import add_config_arguments
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
     p.add_argument("--out", required=True, help="output weights (.safetensors; metadata .json beside it)")
     p.add_argument("--report", default=None, help="`iar2 data check` report (bad files excluded)")
@@ -271,7 +269,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from iar2.cli import load_run_config
     if not str(args.out).endswith(".safetensors"):
         print(f"iar2: --out must end with .safetensors (got {args.out})", file=sys.stderr)
         return 2

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from iar2.ar.generate import SamplingConfig
+from iar2.ar.pag_cfg import GuidanceConfig
+
+
+@dataclass
+class SamplingConfig:
+    temperature: tuple[float, float] = (1.0, 1.0)  # (semantic or single, detail)
+    top_k: tuple[int, int] = (0, 0)  # 0: off
+    top_p: tuple[float, float] = (1.0, 1.0)  # 1.0: off
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    kv_cache: bool = True
+    seed: int = 0
 
 
 @dataclass

@@ -11,22 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
 from iar2.ar.model import ARModel
-from iar2.ar.pag_cfg import GuidanceConfig, apply_cfg, attention_alpha, guidance_scale
-
-
-@dataclass
-class SamplingConfig:
-    temperature: tuple[float, float] = (1.0, 1.0)  # (semantic or single, detail)
-    top_k: tuple[int, int] = (0, 0)  # 0: off
-    top_p: tuple[float, float] = (1.0, 1.0)  # 1.0: off
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    kv_cache: bool = True
-    seed: int = 0
+from iar2.ar.pag_cfg import apply_cfg, attention_alpha, guidance_scale
+from iar2.sample_config import SamplingConfig
 
 
 # ----------------------------------------------------------------------------- randomness
