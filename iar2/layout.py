@@ -192,5 +192,5 @@ def heldout_tokens_meta(tok: str, grid) -> str:
 
 # -- resolved configs each job writes before it starts
 def job_config(job: str, name: str) -> str:
-    """configs/<job>/<name>.yaml: tokenizer/<tok>-<stage>, ar/<run>, sampling/<guidance>, time_match/<run>."""
+    """configs/<job>/<name>.yaml: tokenizer/<tok>-<stage>, ar/<run>, sampling/<sample set>, time_match/<run>."""
     return f"configs/{job}/{name}.yaml"

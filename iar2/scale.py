@@ -107,6 +107,9 @@ class SamplingSection:
     base: dict
     reject: dict = field(default_factory=dict)
     grid: dict = field(default_factory=dict)
+    # samples per class for the sets of these tables/figures (a set in several: the largest), so the comparisons
+    # that decide the central claims get narrower intervals than the rest; other sets keep base.per_class
+    per_class_by_table: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

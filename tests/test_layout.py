@@ -59,7 +59,7 @@ def test_the_plan_points_at_layout_paths():
     idx = plan.index()
     s = next(s for s in plan.samples.values() if not s.is_grid)
     assert layout.sample_id(s.run, s.epoch, s.guidance) == s.id
-    assert idx.runs[layout.sample_dir(s.id)].config == layout.job_config("sampling", str(s.guidance))
+    assert idx.runs[layout.sample_dir(s.id)].config == layout.job_config("sampling", s.id)
     row = next(r for r in idx.tables["table9"]["rows"])
     assert row["values"]["fid"]["file"] == layout.gen_metrics(row["sample"])
     tok = plan.trained_tokenizers()[0]

@@ -254,3 +254,31 @@ def test_registry_index_round_trips_through_its_file(paper, tmp_path):
     assert old.scale == "ci" and list(old.runs) == ["ar/x"] and old.git_commit == "unknown" and old.tables == {}
     (tmp_path / "broken.json").write_text("{")
     assert RegistryIndex.read(tmp_path / "broken.json") == RegistryIndex() == RegistryIndex.read(tmp_path / "none")
+
+
+def test_per_class_by_table_sizes_only_the_sets_of_those_tables():
+    cfg = scale("default")
+    cfg["sampling"]["per_class_by_table"] = {"table7": 40, "fig7a": 30, "table4": 60}
+    plan = Plan(load_yaml(ROOT / "params" / "experiments.yaml"), cfg)
+    base = cfg["sampling"]["base"]["per_class"]
+    seen = set()
+    for sid, s in plan.samples.items():
+        n = plan.sample_config(s.guidance, sid)["per_class"]
+        sizes = [v for t, v in cfg["sampling"]["per_class_by_table"].items() if t in s.tables]
+        if s.is_grid:
+            assert n == cfg["sampling"]["grid"]["per_class"]  # a class grid keeps its own count
+        else:
+            assert n == (max(sizes) if sizes else base), sid  # a set in several sized tables: the largest
+            seen.add(n)
+    assert seen == {base, 30, 40, 60}
+    # the guidance alone (no set) is the base config, and the index points each set at its own config file
+    assert plan.sample_config("static-2.25")["per_class"] == base
+    runs = plan.index("x").runs
+    assert runs["ar/llamagen-B-24/e100/static-2.25"].config == "configs/sampling/llamagen-B-24/e100/static-2.25.yaml"
+
+
+def test_per_class_by_table_names_are_checked():
+    cfg = scale("default")
+    cfg["sampling"]["per_class_by_table"] = {"table99": 40}
+    with pytest.raises(ConfigError, match=r"sampling.per_class_by_table: table99 .*allowed values: .*table7"):
+        Plan(load_yaml(ROOT / "params" / "experiments.yaml"), cfg)

@@ -103,7 +103,7 @@ def build_index(plan: Plan, git_commit: str = "unknown") -> RegistryIndex:
                                              sorted(r.tables), plan.resources("ar_train", rid))
     for sid, ss in plan.samples.items():
         runs[layout.sample_dir(sid)] = RunEntry("samples", layout.sample_dir(sid),
-                                                layout.job_config("sampling", str(ss.guidance)), sorted(ss.tables))
+                                                layout.job_config("sampling", sid), sorted(ss.tables))
     s = plan.s
     protocol = {**s.protocol.as_dict(), "image_sizes": {str(k): v for k, v in s.grids.items()},
                 "extractor": s.gen_metrics.extractor, "samples_per_set": plan.configs.samples_per_set(),
@@ -127,7 +127,7 @@ def _settings_configs(plan: Plan) -> dict:
             if "guidance" in row:
                 sid = plan.last_sample(rid, row["guidance"])
                 row["sample"] = sid
-                row["config"] = layout.job_config("sampling", row["guidance"])
+                row["config"] = layout.job_config("sampling", sid)
                 row["sample_config"] = layout.samples_summary(sid)
         out[tid] = t
     return out

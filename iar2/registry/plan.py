@@ -86,6 +86,10 @@ class Plan:
             self.figures[fid] = self._figure(fid, f)
         self._dedupe_runs()
         self._resolve_time_match()
+        unknown = sorted(set(self.s.sampling.per_class_by_table) - set(self.tables) - set(self.figures))
+        if unknown:
+            raise ConfigError(f"sampling.per_class_by_table: {', '.join(unknown)} not a table or figure of the "
+                              "registry; allowed values: " + ", ".join(sorted(self.tables) + sorted(self.figures)))
 
     # -- each job's config (iar2.registry.resolve), by the ids the rules know
     def codebook(self, n: int) -> int:
@@ -106,8 +110,9 @@ class Plan:
     def ar_config(self, rid: str, epoch_steps: float | None = None, identity: bool = False) -> dict:
         return self.configs.ar_config(self.runs[rid], epoch_steps, identity)
 
-    def sample_config(self, gid: GuidanceId | str) -> dict:
-        return self.configs.sample_config(gid)
+    def sample_config(self, gid: GuidanceId | str, sid: str | None = None) -> dict:
+        """Sampling config of sample set `sid` (its tables may size it), or of guidance `gid` alone."""
+        return self.configs.sample_config(gid, self.samples[sid].tables if sid else ())
 
     def resources(self, rule: str, rid: str | None = None) -> dict:
         return self.configs.resources(rule, self.runs[rid] if rid is not None else None)
@@ -128,8 +133,8 @@ class Plan:
                 self.tokenizer_config(t, st)
         for rid in self.runs:
             self.ar_config(rid)
-        for g in {s.guidance for s in self.samples.values()}:
-            self.sample_config(g)
+        for sid, s in self.samples.items():
+            self.sample_config(s.guidance, sid)
 
     def tables_of_run(self, rid: str) -> str:
         return ",".join(sorted(self.runs[rid].tables))

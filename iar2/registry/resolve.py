@@ -107,12 +107,16 @@ class Configs:
         return cfg
 
     # -- sample sets
-    def sample_config(self, gid: GuidanceId | str) -> dict:
+    def sample_config(self, gid: GuidanceId | str, tables=()) -> dict:
+        """The sampling config of a set under guidance `gid` feeding `tables` (sampling.per_class_by_table)."""
         from iar2.sample_config import SampleRunConfig  # imports torch too
 
         g = GuidanceId.parse(gid)
         sb = self.s.sampling
         raw = deep_merge(sb.base, {"sampling": {"guidance": g.config()}})
+        sized = [sb.per_class_by_table[t] for t in tables if t in sb.per_class_by_table]
+        if sized:
+            raw = deep_merge(raw, {"per_class": max(sized)})
         if g.reject:
             raw = deep_merge(raw, sb.reject)
             if raw.get("reject", {}).get("classifier", "domain") == "domain":

@@ -70,8 +70,9 @@ rule sample:
     params:
         # written by the same ar_train job as input.ar (its per-epoch export), so input.ar stands for it
         weights=lambda w: f"{R}/{layout.ar_weights_at(w.run, w.epoch)}",
-        cfg=lambda w: cfg_json(PLAN.sample_config(w.guidance)),
-        cfgfile=lambda w: f"{R}/{layout.job_config('sampling', w.guidance)}",
+        # per set, not per guidance: sampling.per_class_by_table may give two sets of one guidance other sizes
+        cfg=lambda w: cfg_json(PLAN.sample_config(w.guidance, sample_of(w))),
+        cfgfile=lambda w: f"{R}/{layout.job_config('sampling', sample_of(w))}",
         launch=lambda w: launch("sample"),
         out=lambda w: f"{R}/{layout.sample_dir(sample_of(w))}",
         env=lambda w: tag("sample", layout.sample_dir(sample_of(w)),
