@@ -8,6 +8,10 @@ commit 17e31dc replaced, c + (z - sg z), which lets the reconstruction (and perc
 codebooks, then evaluates them with the recon_eval rule's settings. The old estimator is swapped in by patching the
 one function in this process only: nothing in the package changes, and the DAG's own artifacts are only read.
 Writes <out>/ste.json and prints a before/after table. Run it after the workflow has built the tokenizers.
+
+With --ar-runs (e.g. llamagen-B-16 iar2-B-16) it also trains those AR runs, from their own configs, on tokens of
+the legacy tokenizers and diagnoses them as rule diagnose_ar does (<results>/diagnose/ar-<run>.json is the "after"),
+so the estimator's effect on generation is measured with everything else equal.
 """
 from __future__ import annotations
 
@@ -80,12 +84,50 @@ def _pick(recon: dict) -> dict:
     return {k: recon.get(k) for k in METRICS}
 
 
+def _ar_legacy(results: Path, scale_cfg: dict, run: str, vq: Path, out: Path) -> dict:
+    """Tokens of the legacy tokenizer, the run trained on them with its own config, then `iar2 diagnose ar`."""
+    cfg = yaml.safe_load((results / "configs" / "ar" / f"{run}.yaml").read_text())
+    # the same image size and augmentation as the DAG's tokens of this run
+    dag_tokens = json.loads((Path(cfg["train"]["tokens"]) / "meta.json").read_text())
+    size, aug = dag_tokens["image_size"], dag_tokens["aug"]
+    data, report = scale_cfg["data"]["root"], str(results / "data" / "check.json")
+    tok = out / run / "tokens"
+    if not (tok / "meta.json").is_file():
+        _run(["tokenize", "--vq", str(vq), "--data", data, "--split", "train", "--report", report,
+              "--aug", aug, "--image-size", str(size), "--out", str(tok)])
+    val = out / run / "tokens-val"
+    if not (val / "meta.json").is_file():
+        _run(["tokenize", "--vq", str(vq), "--data", data, "--split", "val", "--report", report, "--aug", "none",
+              "--image-size", str(size), "--out", str(val)])
+    ar = out / run / "ar"
+    if not (ar / "model.safetensors").is_file():
+        _run(["ar", "train", "--config", str(results / "configs" / "ar" / f"{run}.yaml"), "--set",
+              f"train.tokens={tok}", f"name={run}-legacy-ste", "--out", str(ar), "--resume", "auto"])
+    diag = out / run / "diagnose.json"
+    if not diag.is_file():
+        d = scale_cfg.get("diagnosis", {})
+        _run(["diagnose", "ar", "--ar", str(ar / "model.safetensors"), "--vq", str(vq), "--tokens", str(tok),
+              "--heldout", str(val), "--max-eval", str(d.get("max_images", 200)), "--domain-net",
+              str(results / "refnet" / "refnet.safetensors"), "--data", data, "--report", report,
+              "--cache-dir", str(results / "cache" / "reference"), "--per-class", str(d.get("per_class", 10)),
+              "--scales", *[str(x) for x in d.get("scales", [2.0])], "--out", str(diag)])
+    return json.loads(diag.read_text())
+
+
+def _ar_summary(d: dict) -> dict:
+    s = {f"fid {k}": v.get("fid") for k, v in d.get("samples", {}).items()}
+    ho = d.get("teacher_forced", {}).get("heldout", {})
+    s.update({f"held-out CE {lv}": ho.get(lv, {}).get("ce") for lv in d.get("levels", [])})
+    return s
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default="results/default", help="the scale's results folder (built by the DAG)")
     ap.add_argument("--scale-file", default=None, help="params/<scale>.yaml (default: from the results folder name)")
     ap.add_argument("--tokenizers", nargs="+", default=["vq-16384", "sd-256-4096"], help="tokenizer ids")
     ap.add_argument("--out", default=None, help="output folder (default: <results>/diagnose/ste)")
+    ap.add_argument("--ar-runs", nargs="*", default=[], help="AR runs to retrain on the legacy tokenizers' tokens")
     args = ap.parse_args(argv)
     results = Path(args.results)
     scale_file = Path(args.scale_file or f"params/{results.name}.yaml")
@@ -97,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paper_st = sdq._straight_through
     rows = {}
+    legacy_vq = {}
     for tok in args.tokenizers:
         after_file = results / "tokenizers" / tok / "recon.json"
         if not after_file.is_file():
@@ -106,16 +149,26 @@ def main(argv: list[str] | None = None) -> int:
             weights = _retrain(results, tok, out)
         finally:
             sdq._straight_through = paper_st
+        legacy_vq[tok] = weights
         before = _eval(results, scale_cfg, weights, out / tok / "recon.json")
         rows[tok] = {"legacy c + (z - sg z)": _pick(before), "paper z + sg(c - z)": _pick(json.loads(after_file.read_text()))}
+    for run in args.ar_runs:
+        cfg = yaml.safe_load((results / "configs" / "ar" / f"{run}.yaml").read_text())
+        tok = Path(cfg["train"]["tokens"]).parent.name  # results/<scale>/tokens/<tok>/g<grid>
+        if tok not in legacy_vq:
+            raise SystemExit(f"--ar-runs {run}: its tokenizer {tok} is not among --tokenizers")
+        after = results / "diagnose" / f"ar-{run}.json"
+        if not after.is_file():
+            raise SystemExit(f"{after} not found: build it first (snakemake --cores all diagnosis)")
+        rows[run] = {"legacy c + (z - sg z)": _ar_summary(_ar_legacy(results, scale_cfg, run, legacy_vq[tok], out)),
+                     "paper z + sg(c - z)": _ar_summary(json.loads(after.read_text()))}
     tmp = out / f"ste.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
     tmp.replace(out / "ste.json")
-    print(f"{'tokenizer':<14} {'estimator':<22} " + " ".join(f"{m:>8}" for m in METRICS))
-    for tok, r in rows.items():
+    for what, r in rows.items():
         for name, m in r.items():
-            print(f"{tok:<14} {name:<22} " + " ".join(f"{m[k]:8.3f}" if isinstance(m[k], (int, float)) else
-                                                     f"{'-':>8}" for k in METRICS))
+            print(f"{what:<16} {name:<22} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, (int, float)) else f"{k} -"
+                                                       for k, v in m.items()))
     print(f"written {out / 'ste.json'}")
     return 0
 
