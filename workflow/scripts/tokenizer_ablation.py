@@ -1,13 +1,16 @@
-"""Issue 13 §1: the reconstruction a scale's tokenizers reach with the old straight-through estimator, beside the DAG's.
+"""Tokenizer ablations beside the DAG's tokenizers (issues 13 and 16): another straight-through estimator, more steps.
 
-    python workflow/scripts/ste_before_after.py [--results results/default] [--tokenizers vq-16384 sd-256-4096]
+    python workflow/scripts/tokenizer_ablation.py [--results results/default] [--estimator legacy|paper]
+        [--steps-factor F] [--tokenizers vq-16384 sd-256-4096] [--ar-runs llamagen-B-16 iar2-B-16]
 
-"After" is what the workflow already built (results/<scale>/tokenizers/<tok>/recon.json, with the paper's
-z + sg(c - z)). "Before" retrains the same tokenizers from the same configs, seeds and data with the estimator that
-commit 17e31dc replaced, c + (z - sg z), which lets the reconstruction (and perceptual, GAN) gradients reach the
-codebooks, then evaluates them with the recon_eval rule's settings. The old estimator is swapped in by patching the
-one function in this process only: nothing in the package changes, and the DAG's own artifacts are only read.
-Writes <out>/ste.json and prints a before/after table. Run it after the workflow has built the tokenizers.
+The DAG's tokenizers (results/<scale>/tokenizers/<tok>/recon.json, the paper's z + sg(c - z), the scale's steps)
+are the reference. The variant retrains the same tokenizers from the same configs, seeds and data, changing only:
+- --estimator legacy: the estimator commit 17e31dc replaced, c + (z - sg z), which lets the reconstruction (and
+  perceptual, GAN) gradients reach the codebooks. It is swapped in by patching the one function in this process
+  only; nothing in the package changes.
+- --steps-factor F: every stage's train.steps times F (single and dual alike: equal compute stays equal).
+It evaluates them with the recon_eval rule's settings. The DAG's own artifacts are only read.
+Writes <out>/ablation.json and prints the table. Run it after the workflow has built the tokenizers.
 
 With --ar-runs (e.g. llamagen-B-16 iar2-B-16) it also trains those AR runs, from their own configs, on tokens of
 the legacy tokenizers and diagnoses them as rule diagnose_ar does (<results>/diagnose/ar-<run>.json is the "after"),
@@ -48,17 +51,18 @@ def _stages(results: Path, tok: str) -> list[str]:
                      f"{tok}/recon.json)")
 
 
-def _retrain(results: Path, tok: str, out: Path) -> Path:
-    """Train tok's stages with the legacy estimator under out/<tok>; returns the final weights."""
+def _retrain(results: Path, tok: str, out: Path, steps_factor: float) -> Path:
+    """Train tok's stages (the variant) under out/<tok>; returns the final weights."""
     weights = None
     for stage in _stages(results, tok):
         run_dir = out / tok / (stage if stage == "stage1" else "")
-        sets = []
-        if stage == "stage2":  # start from the legacy stage 1, not the DAG's
-            sets = ["--set", f"train.init_from={out / tok / 'stage1' / 'vq.safetensors'}"]
+        cfg_file = results / "configs" / "tokenizer" / f"{tok}-{stage}.yaml"
+        steps = int(round(yaml.safe_load(cfg_file.read_text())["train"]["steps"] * steps_factor))
+        sets = ["--set", f"train.steps={steps}"]
+        if stage == "stage2":  # start from the variant's stage 1, not the DAG's
+            sets.append(f"train.init_from={out / tok / 'stage1' / 'vq.safetensors'}")
         if not (run_dir / "vq.safetensors").is_file():
-            _run(["vq", "train", "--config", str(results / "configs" / "tokenizer" / f"{tok}-{stage}.yaml"),
-                  *sets, "--out", str(run_dir), "--resume", "auto"])
+            _run(["vq", "train", "--config", str(cfg_file), *sets, "--out", str(run_dir), "--resume", "auto"])
         weights = run_dir / "vq.safetensors"
     return weights
 
@@ -102,7 +106,7 @@ def _ar_legacy(results: Path, scale_cfg: dict, run: str, vq: Path, out: Path) ->
     ar = out / run / "ar"
     if not (ar / "model.safetensors").is_file():
         _run(["ar", "train", "--config", str(results / "configs" / "ar" / f"{run}.yaml"), "--set",
-              f"train.tokens={tok}", f"name={run}-legacy-ste", "--out", str(ar), "--resume", "auto"])
+              f"train.tokens={tok}", f"name={run}-{out.name}", "--out", str(ar), "--resume", "auto"])
     diag = out / run / "diagnose.json"
     if not diag.is_file():
         d = scale_cfg.get("diagnosis", {})
@@ -126,13 +130,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default="results/default", help="the scale's results folder (built by the DAG)")
     ap.add_argument("--scale-file", default=None, help="params/<scale>.yaml (default: from the results folder name)")
     ap.add_argument("--tokenizers", nargs="+", default=["vq-16384", "sd-256-4096"], help="tokenizer ids")
-    ap.add_argument("--out", default=None, help="output folder (default: <results>/diagnose/ste)")
+    ap.add_argument("--estimator", choices=["legacy", "paper"], default="legacy",
+                    help="legacy: c + (z - sg z) (before 17e31dc); paper: z + sg(c - z), as the DAG")
+    ap.add_argument("--steps-factor", type=float, default=1.0, help="every tokenizer stage's steps times this")
+    ap.add_argument("--out", default=None, help="output folder (default: <results>/diagnose/ablation/<variant>)")
     ap.add_argument("--ar-runs", nargs="*", default=[], help="AR runs to retrain on the legacy tokenizers' tokens")
     args = ap.parse_args(argv)
     results = Path(args.results)
     scale_file = Path(args.scale_file or f"params/{results.name}.yaml")
     scale_cfg = yaml.safe_load(scale_file.read_text())
-    out = Path(args.out or results / "diagnose" / "ste")
+    if args.steps_factor <= 0:
+        ap.error("--steps-factor must be > 0")
+    variant = f"{args.estimator}-x{args.steps_factor:g}"
+    if variant == "paper-x1":
+        ap.error("that variant is the DAG's own tokenizers: change --estimator or --steps-factor")
+    out = Path(args.out or results / "diagnose" / "ablation" / variant)
     out.mkdir(parents=True, exist_ok=True)
 
     import iar2.tokenizer.semantic_detail_quantizer as sdq
@@ -144,14 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         after_file = results / "tokenizers" / tok / "recon.json"
         if not after_file.is_file():
             raise SystemExit(f"{after_file} not found: build it first (snakemake {after_file})")
-        sdq._straight_through = _legacy_straight_through
+        if args.estimator == "legacy":
+            sdq._straight_through = _legacy_straight_through
         try:
-            weights = _retrain(results, tok, out)
+            weights = _retrain(results, tok, out, args.steps_factor)
         finally:
             sdq._straight_through = paper_st
         legacy_vq[tok] = weights
         before = _eval(results, scale_cfg, weights, out / tok / "recon.json")
-        rows[tok] = {"legacy c + (z - sg z)": _pick(before), "paper z + sg(c - z)": _pick(json.loads(after_file.read_text()))}
+        rows[tok] = {variant: _pick(before), "DAG (paper, x1)": _pick(json.loads(after_file.read_text()))}
     for run in args.ar_runs:
         cfg = yaml.safe_load((results / "configs" / "ar" / f"{run}.yaml").read_text())
         tok = Path(cfg["train"]["tokens"]).parent.name  # results/<scale>/tokens/<tok>/g<grid>
@@ -160,16 +173,16 @@ def main(argv: list[str] | None = None) -> int:
         after = results / "diagnose" / f"ar-{run}.json"
         if not after.is_file():
             raise SystemExit(f"{after} not found: build it first (snakemake --cores all diagnosis)")
-        rows[run] = {"legacy c + (z - sg z)": _ar_summary(_ar_legacy(results, scale_cfg, run, legacy_vq[tok], out)),
-                     "paper z + sg(c - z)": _ar_summary(json.loads(after.read_text()))}
-    tmp = out / f"ste.json.tmp{os.getpid()}"
+        rows[run] = {variant: _ar_summary(_ar_legacy(results, scale_cfg, run, legacy_vq[tok], out)),
+                     "DAG (paper, x1)": _ar_summary(json.loads(after.read_text()))}
+    tmp = out / f"ablation.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    tmp.replace(out / "ste.json")
+    tmp.replace(out / "ablation.json")
     for what, r in rows.items():
         for name, m in r.items():
             print(f"{what:<16} {name:<22} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, (int, float)) else f"{k} -"
                                                        for k, v in m.items()))
-    print(f"written {out / 'ste.json'}")
+    print(f"written {out / 'ablation.json'}")
     return 0
 
 
