@@ -19,6 +19,7 @@ so the estimator's effect on generation is measured with everything else equal.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -51,16 +52,34 @@ def _stages(results: Path, tok: str) -> list[str]:
                      f"{tok}/recon.json)")
 
 
+def _key(*parts) -> str:
+    """Ten hex digits over files' contents and plain values: a folder named with it is never reused after a change
+    to what it was computed from (a config, the data, the reference network, this script)."""
+    from iar2.fingerprint import file_digest
+
+    h = hashlib.sha256()
+    for p in parts:
+        h.update((file_digest(p) if isinstance(p, Path) else repr(p)).encode())
+    return h.hexdigest()[:10]
+
+
+def _tok_dir(results: Path, scale_file: Path, tok: str, out: Path, variant: str) -> Path:
+    cfgs = [results / "configs" / "tokenizer" / f"{tok}-{st}.yaml" for st in _stages(results, tok)]
+    key = _key(variant, *cfgs, results / "data" / "check.json", results / "refnet" / "refnet.safetensors", scale_file,
+               Path(__file__))
+    return out / f"{tok}-{key}"
+
+
 def _retrain(results: Path, tok: str, out: Path, steps_factor: float) -> Path:
-    """Train tok's stages (the variant) under out/<tok>; returns the final weights."""
+    """Train tok's stages (the variant) under `out` (a folder keyed by their inputs); returns the final weights."""
     weights = None
     for stage in _stages(results, tok):
-        run_dir = out / tok / (stage if stage == "stage1" else "")
+        run_dir = out / (stage if stage == "stage1" else "")
         cfg_file = results / "configs" / "tokenizer" / f"{tok}-{stage}.yaml"
         steps = int(round(yaml.safe_load(cfg_file.read_text())["train"]["steps"] * steps_factor))
         sets = ["--set", f"train.steps={steps}"]
         if stage == "stage2":  # start from the variant's stage 1, not the DAG's
-            sets.append(f"train.init_from={out / tok / 'stage1' / 'vq.safetensors'}")
+            sets.append(f"train.init_from={out / 'stage1' / 'vq.safetensors'}")
         if not (run_dir / "vq.safetensors").is_file():
             _run(["vq", "train", "--config", str(cfg_file), *sets, "--out", str(run_dir), "--resume", "auto"])
         weights = run_dir / "vq.safetensors"
@@ -90,24 +109,27 @@ def _pick(recon: dict) -> dict:
 
 def _ar_legacy(results: Path, scale_cfg: dict, run: str, vq: Path, out: Path) -> dict:
     """Tokens of the legacy tokenizer, the run trained on them with its own config, then `iar2 diagnose ar`."""
-    cfg = yaml.safe_load((results / "configs" / "ar" / f"{run}.yaml").read_text())
+    cfg_file = results / "configs" / "ar" / f"{run}.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text())
     # the same image size and augmentation as the DAG's tokens of this run
-    dag_tokens = json.loads((Path(cfg["train"]["tokens"]) / "meta.json").read_text())
+    dag_meta = Path(cfg["train"]["tokens"]) / "meta.json"
+    dag_tokens = json.loads(dag_meta.read_text())
+    out = out / f"{run}-{_key(cfg_file, dag_meta, vq, Path(__file__))}"  # keyed: a changed input starts over
     size, aug = dag_tokens["image_size"], dag_tokens["aug"]
     data, report = scale_cfg["data"]["root"], str(results / "data" / "check.json")
-    tok = out / run / "tokens"
+    tok = out / "tokens"
     if not (tok / "meta.json").is_file():
         _run(["tokenize", "--vq", str(vq), "--data", data, "--split", "train", "--report", report,
               "--aug", aug, "--image-size", str(size), "--out", str(tok)])
-    val = out / run / "tokens-val"
+    val = out / "tokens-val"
     if not (val / "meta.json").is_file():
         _run(["tokenize", "--vq", str(vq), "--data", data, "--split", "val", "--report", report, "--aug", "none",
               "--image-size", str(size), "--out", str(val)])
-    ar = out / run / "ar"
+    ar = out / "ar"
     if not (ar / "model.safetensors").is_file():
         _run(["ar", "train", "--config", str(results / "configs" / "ar" / f"{run}.yaml"), "--set",
-              f"train.tokens={tok}", f"name={run}-{out.name}", "--out", str(ar), "--resume", "auto"])
-    diag = out / run / "diagnose.json"
+              f"train.tokens={tok}", f"name={out.name}-{out.parent.name}", "--out", str(ar), "--resume", "auto"])
+    diag = out / "diagnose.json"
     if not diag.is_file():
         d = scale_cfg.get("diagnosis", {})
         _run(["diagnose", "ar", "--ar", str(ar / "model.safetensors"), "--vq", str(vq), "--tokens", str(tok),
@@ -159,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.estimator == "legacy":
             sdq._straight_through = _legacy_straight_through
         try:
-            weights = _retrain(results, tok, out, args.steps_factor)
+            tok_dir = _tok_dir(results, scale_file, tok, out, variant)
+            weights = _retrain(results, tok, tok_dir, args.steps_factor)
         finally:
             sdq._straight_through = paper_st
         legacy_vq[tok] = weights
-        before = _eval(results, scale_cfg, weights, out / tok / "recon.json")
+        before = _eval(results, scale_cfg, weights, tok_dir / "recon.json")
         rows[tok] = {variant: _pick(before), "DAG (paper, x1)": _pick(json.loads(after_file.read_text()))}
     for run in args.ar_runs:
         cfg = yaml.safe_load((results / "configs" / "ar" / f"{run}.yaml").read_text())
