@@ -14,6 +14,9 @@ class SamplingConfig:
     top_p: tuple[float, float] = (1.0, 1.0)  # 1.0: off
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     kv_cache: bool = True
+    # the backbone step on static caches under torch.compile (CUDA graphs on a GPU); same tokens up to float
+    # summation order. Off by default: compiling costs seconds to minutes, paid back only by long decodes on a GPU.
+    compile: bool = False
     seed: int = 0
 
 

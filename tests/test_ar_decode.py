@@ -130,3 +130,69 @@ def test_the_sampler_drives_a_model_through_the_step_api_alone(mode):
         assert torch.equal(toks[:, 0, i], k)
         prev = (k + 1) % Bigram.V
         assert torch.equal(toks[:, 1, i], prev)
+
+
+# ----------------------------------------------------------------------------- static caches, compiled step
+
+def decode_logits(model, labels, pairs, **kw):
+    """Every predict_step's logits of a teacher-forced decode through the step API, stacked in decode order."""
+    out = []
+    with model.decoding(labels, True, class_attn_layer=0, **kw) as state:
+        for level, cell in model.decode_order():
+            logits, attn = model.predict_step(state, level)
+            out += [logits.float(), attn]
+            model.append_token(state, level, pairs[:, level, cell])
+    return out
+
+
+@pytest.mark.parametrize("paradigm,kw", VARIANTS)
+def test_static_caches_give_the_prefix_caches_logits_and_ignore_stale_entries(paradigm, kw):
+    """The static form (full-length caches, the position as a tensor, keys past it masked) computes what the
+    prefix-read caches compute, at every position; its caches outlive the decode and whatever an earlier decode
+    left in them (here: large random values) changes nothing."""
+    model = tiny(paradigm, **kw)
+    labels = torch.tensor([1, 3])
+    toks = tokens_for(model)
+    pairs = toks if paradigm != "single" else toks[:, None]
+    with torch.no_grad():
+        ref = decode_logits(model, labels, pairs)
+        first = decode_logits(model, labels, pairs, static=True)
+        caches = [layer.attention.kv_cache for layer in model.backbone.layers]
+        assert all(c is not None for c in caches)  # kept for the next decode of as many rows
+        for c in caches:
+            c.k.normal_(0, 100.0)
+            c.v.normal_(0, 100.0)
+        second = decode_logits(model, labels, pairs, static=True)
+        assert [layer.attention.kv_cache for layer in model.backbone.layers] == caches  # the same buffers
+    for a, b, c in zip(ref, first, second):
+        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_static_decoding_needs_the_kv_caches():
+    model = tiny("single")
+    with pytest.raises(ValueError, match="kv_cache"):
+        with model.decoding(torch.tensor([1]), kv_cache=False, static=True):
+            pass
+
+
+@pytest.mark.parametrize("paradigm", ["single", "fused_hierarchical"])
+def test_the_compiled_step_is_one_graph_for_the_whole_decode_and_samples_the_same_tokens(paradigm, monkeypatch):
+    """compile: true traces the backbone step once (fullgraph: no graph break; static shapes: no recompile at a
+    new position) and samples the eager tokens. The trace runs through AOTAutograd (functionalised in-place
+    cache writes, as inductor and CUDA graphs see them) with the aot_eager backend, so no C++ compiler is needed."""
+    torch._dynamo.reset()
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "mode": None, "backend": "aot_eager"}))
+    from torch._dynamo.utils import counters
+    counters.clear()
+    model = tiny(paradigm)
+    labels = torch.tensor([1, 3, 0])
+    for mode in ("static", "pag"):
+        g = GuidanceConfig(mode=mode, scale=2.0, semantic=(1.5, 2.5), detail=(1.5, 2.5))
+        eager = generate(model, labels, torch.arange(3), SamplingConfig(guidance=g, seed=4))
+        compiled = generate(model, labels, torch.arange(3), SamplingConfig(guidance=g, seed=4, compile=True))
+        assert torch.equal(eager, compiled)
+    # one graph per class-attention setting (static CFG reads none, PAG one layer): not one per position
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()

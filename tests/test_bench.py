@@ -78,6 +78,28 @@ def test_bench_sample_reports_ms_per_step_bound_ratio_and_kv_speedup(tmp_path, c
     assert "ratio min" in capsys.readouterr().out
 
 
+def test_kv_estimate_integrates_the_full_forwards_extra_cost_over_every_backbone_step():
+    # full forward 1, 3, 5 ms at positions 0, 2, 4 (linear: 1..5 at 0..4), cached step 1 ms; decode 10 ms
+    times = {"m/full@0": [1.0, 2.0], "m/full@2": [3.0, 9.0], "m/full@4": [5.0, 6.0],
+             "m/cached@0": [1.0, 1.0], "m/cached@2": [1.0, 1.0], "m/cached@4": [1.0, 1.0]}
+    est = bench_sample.kv_estimate(times, "m", [0, 2, 4], 5, [10.0, 30.0])
+    assert est["decode"]["min"] == pytest.approx((10 + (0 + 1 + 2 + 3 + 4)) / 10)  # min of each case
+    assert est["backbone"]["min"] == pytest.approx((1 + 2 + 3 + 4 + 5) / 5)
+    assert est["decode"]["median"] == pytest.approx((20 + (0.5 + 2.75 + 5 + 4.75 + 4.5)) / 20)
+
+
+def test_bench_sample_estimates_the_kv_speedup_from_sampled_positions(tmp_path):
+    out = tmp_path / "sample.json"
+    args = _args(bench_sample, ["--size", "custom", "--dim", "32", "--n-layer", "1", "--n-head", "2",
+                                "--head-layers", "1", "--grid", "3", "--batch-size", "1", "--repeats", "2",
+                                "--threads", "1", "--kv-repeats", "0", "--kv-positions", "3", "--json", str(out)])
+    assert bench_sample.run_bench(args) == 0
+    for fam in ("iar2", "llamagen"):
+        e = json.loads(out.read_text())["results"][fam]["kv_speedup_estimate"]
+        assert e["positions"] == [0, 4, 8]  # 9 backbone steps: the first, the middle and the last
+        assert e["decode"]["min"] > 0 and e["backbone"]["median"] > 0
+
+
 def test_bench_train_reports_interleaved_min_and_median(tmp_path):
     out = tmp_path / "train.json"
     args = _args(bench_train, ["--dim", "32", "--n-layer", "1", "--n-head", "2", "--head-layers", "1",

@@ -75,7 +75,8 @@ def generate(model: ARModel, labels: torch.Tensor, indices: torch.Tensor, cfg: S
     rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if g.guided else labels
     u = uniform_streams(cfg.seed, indices, 2 * M).view(B, 2, M)
     out = torch.zeros(B, levels, M, dtype=torch.long, device=labels.device)
-    with model.decoding(rows, cfg.kv_cache, g.attn_layer if g.needs_attention else None) as state:
+    compile_kw = {"compile": True} if cfg.compile else {}  # a model that cannot compile is asked nothing
+    with model.decoding(rows, cfg.kv_cache, g.attn_layer if g.needs_attention else None, **compile_kw) as state:
         for level, i in order:
             logits, class_attn = model.predict_step(state, level)
             if g.guided:

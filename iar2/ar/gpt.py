@@ -152,11 +152,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H, S, Dh) at positions start..start+S-1; return the keys and values up to there.
 
         A slice copy, not an index_put, and only the filled prefix is read back: attention then needs no
-        mask over the empty tail (and reads half the cache on average)."""
+        mask over the empty tail (and reads half the cache on average). `start` a LongTensor of the S positions:
+        the static form, whose shapes never change (torch.compile / CUDA graphs): it writes by index and returns
+        the whole cache, which the attention masks past each query."""
+        if torch.is_tensor(start):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end].copy_(k)
         self.v[:, :, start:end].copy_(v)
@@ -172,8 +178,9 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.resid_dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, rope, start: int | None = None, class_attn: bool = False):
-        """Full causal pass (start None), or with the KV cache: x holds positions start..start+S-1.
+    def forward(self, x, rope, start: int | torch.Tensor | None = None, class_attn: bool = False):
+        """Full causal pass (start None), or with the KV cache: x holds positions start..start+S-1 (`start` an
+        int; or the positions as a LongTensor (S,), the static cache of KVCache.update).
 
         Returns (output, attention each query pays to key 0, the class token (B, H, S); None unless class_attn)."""
         B, S, D = x.shape
@@ -183,21 +190,25 @@ class Attention(nn.Module):
         if self.kv_cache is not None and start is not None:
             k, v = self.kv_cache.update(start, k, v)
         n_keys = k.shape[2]
+        mask = None  # None with S == 1: one new query sees every cached key
+        if torch.is_tensor(start):  # static cache: key slots after each query hold nothing yet (or stale values)
+            mask = torch.arange(n_keys, device=x.device) <= start[:, None]
+        elif 1 < S < n_keys:
+            mask = causal_mask(S, n_keys, x.device)
+        causal = mask is None and S > 1  # the full pass, S == n_keys
         to_class = None
         if class_attn:
             # explicit softmax so the attention paid to the class token (key 0) can be read
             scores = ((q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)).float()
-            if S > 1:
-                scores = scores.masked_fill(~causal_mask(S, n_keys, x.device), float("-inf"))
+            if causal:
+                mask = causal_mask(S, n_keys, x.device)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.softmax(-1)
             to_class = probs[..., 0]
             y = probs.type_as(v) @ v
-        elif S == 1:  # one new query sees every cached key
-            y = F.scaled_dot_product_attention(q, k, v)
-        elif S == n_keys:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(S, n_keys, x.device))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, S, D)
         return self.resid_drop(self.wo(y)), to_class
 
@@ -259,12 +270,17 @@ class Backbone(Fp32Rope):
         return h
 
     # ---- incremental decoding with a KV cache
-    def setup_caches(self, batch: int, dtype=None, device=None):
-        """KV caches in the compute dtype (see compute_dtype) unless `dtype` is given."""
+    def setup_caches(self, batch: int, dtype=None, device=None, reuse: bool = False):
+        """KV caches in the compute dtype (see compute_dtype) unless `dtype` is given. reuse: keep caches of the
+        same shape, dtype and device (static decoding: a compiled step is specialised on its cache buffers)."""
         p = next(self.parameters())
+        dtype, device = dtype or compute_dtype(self), torch.device(device or p.device)
         for layer in self.layers:
+            c = layer.attention.kv_cache
+            if reuse and c is not None and c.k.shape[0] == batch and c.k.dtype == dtype and c.k.device == device:
+                continue
             layer.attention.kv_cache = KVCache(batch, self.cfg.seq_len, self.cfg.n_head, self.cfg.head_dim,
-                                               dtype or compute_dtype(self), device or p.device)
+                                               dtype, device)
 
     def clear_caches(self):
         for layer in self.layers:
@@ -272,14 +288,15 @@ class Backbone(Fp32Rope):
 
     def step(self, h_in: torch.Tensor, start: int | torch.Tensor, class_attn_layer: int | None = None):
         """Feed embeddings h_in (B, S, D) at sequence positions start..start+S-1 through the KV caches, or,
-        without caches, a whole sequence from start 0 (the class embedding first). `start` may also be the
-        positions themselves (a tensor of consecutive positions).
+        without caches, a whole sequence from start 0 (the class embedding first). `start` a LongTensor of the
+        S positions: the static caches (every step has the same shapes, so torch.compile captures one graph).
 
         Returns (hidden states (B, S, D), the attention layer `class_attn_layer` (a python index) pays to the
         class token: (B, H, S) probabilities, None when no layer is asked for). PAG-CFG reads the latter."""
         if torch.is_tensor(start):
-            start = int(start.reshape(-1)[0])
-        rope = self.rope[start:start + h_in.shape[1]]
+            rope = self.rope.index_select(0, start)
+        else:
+            rope = self.rope[start:start + h_in.shape[1]]
         want = None if class_attn_layer is None else class_attn_layer % len(self.layers)
         h, to_class = h_in, None
         for i, layer in enumerate(self.layers):

@@ -16,7 +16,7 @@ only loops, guides and picks.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -97,6 +97,7 @@ class DecodeState:
     states: torch.Tensor | None = None  # local context: backbone outputs so far, (R, cells + 1, D)
     ctx: torch.Tensor | None = None  # local context of this step's cell (read by both levels)
     ctx_zero: torch.Tensor | None = None  # the local context's out-of-grid feature, computed once
+    step_fn: Callable | None = None  # static caches: the backbone step to call (compiled or not) with tensor positions
 
 
 class ARModel(nn.Module):
@@ -194,24 +195,47 @@ class ARModel(nn.Module):
         return [(lvl, i) for i in range(M) for lvl in (0, 1)]  # alternating and fused: k_i then j_i
 
     @contextmanager
-    def decoding(self, labels: torch.Tensor, kv_cache: bool = True,
-                 class_attn_layer: int | None = None) -> Iterator[DecodeState]:
-        """A decode of rows of class `labels` (R,): KV caches for its length, dropped on exit."""
+    def decoding(self, labels: torch.Tensor, kv_cache: bool = True, class_attn_layer: int | None = None,
+                 static: bool = False, compile: bool = False) -> Iterator[DecodeState]:
+        """A decode of rows of class `labels` (R,): KV caches for its length, dropped on exit.
+
+        static: the backbone's caches have one shape for the whole decode (full length, masked) and are kept
+        for the next decode of as many rows, so every backbone step is the same graph. compile (implies static):
+        that step runs under torch.compile, with CUDA graphs on a GPU (the gpt-fast approach); the head and
+        the picking stay eager."""
         hier = self.cfg.paradigm == "fused_hierarchical"
         dtype = compute_dtype(self)
+        static = static or compile
         state = DecodeState(labels, kv_cache, class_attn_layer, next_input=self.backbone.label_embed(labels))
         if hier and self.head.use_context:  # a constant of the weights: once per decode, not per cell
             state.ctx_zero = self.head.context.zero_feature(labels.new_zeros(1, self.cfg.dim, dtype=dtype))
+        if static and not kv_cache:
+            raise ValueError("static or compiled decoding needs the KV caches (kv_cache: true)")
         try:
             if kv_cache:
-                self.backbone.setup_caches(len(labels))
+                self.backbone.setup_caches(len(labels), reuse=static)
                 if hier:
                     self.head.setup_cache(len(labels), dtype, labels.device)
+            if static:
+                state.step_fn = self.compiled_step() if compile else self.backbone.step
             yield state
         finally:
-            self.backbone.clear_caches()
+            if not static:
+                self.backbone.clear_caches()
             if hier:
                 self.head.clear_cache()
+
+    def compiled_step(self) -> Callable:
+        """The backbone's static-cache step under torch.compile, made once per model (compiling takes seconds
+        to minutes). On CUDA mode "reduce-overhead" replays the step as a CUDA graph (the launch overhead of
+        hundreds of small kernels per token is what bounds a small-batch decode there)."""
+        fn = self.__dict__.get("_compiled_step")
+        if fn is None:
+            device = next(self.parameters()).device
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            fn = torch.compile(self.backbone.step, mode=mode, fullgraph=True, dynamic=False)
+            self.__dict__["_compiled_step"] = fn  # not a submodule or a state_dict entry
+        return fn
 
     def predict_step(self, state: DecodeState, level: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (R, V) of the next token in decode_order, which is at `level`, and the backbone's attention
@@ -250,7 +274,11 @@ class ARModel(nn.Module):
             state.next_input = self.embed_pairs(state.semantic, tokens)
 
     def _backbone_step(self, state: DecodeState) -> None:
-        if state.kv_cache:
+        if state.step_fn is not None:  # static caches: the position as a tensor, so every step is one graph
+            pos = torch.tensor([state.pos], device=state.labels.device)
+            h, attn = state.step_fn(state.next_input[:, None], pos, state.class_attn_layer)
+            h, attn = h.clone(), None if attn is None else attn.clone()  # a CUDA graph reuses its output buffers
+        elif state.kv_cache:
             h, attn = self.backbone.step(state.next_input[:, None], state.pos, state.class_attn_layer)
         else:  # the whole sequence again (the reference the cached path must equal)
             state.inputs.append(state.next_input)

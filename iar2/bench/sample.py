@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 
 import torch
 
@@ -37,6 +38,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", default="static", choices=["none", "static", "progressive", "pag"])
     p.add_argument("--kv-repeats", type=nonneg_int, default=1,
                    help="rounds that also time the uncached decode (it is ~10x slower); 0: skip the KV speed-up")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the decode with the backbone step compiled on static caches (sampling.compile; "
+                        "CUDA graphs on a GPU); compiling happens in the warm-up")
+    p.add_argument("--kv-positions", type=nonneg_int, default=0,
+                   help="estimate the KV speed-up from the backbone step, cached and uncached, timed at this many "
+                        "evenly spaced positions (for sizes whose uncached decode takes minutes); 0: off")
     add_common_arguments(p)
 
 
@@ -54,6 +61,52 @@ def build(family: str, args, device: torch.device, dtype: torch.dtype):
     return ARModel(cfg).to(device=device, dtype=dtype).eval()
 
 
+def backbone_positions(model, rows: int, positions: list[int], device, dtype) -> dict[str, object]:
+    """Callables for one backbone step at each sequence position n: cached (one new query reads n + 1 keys) and
+    uncached (the full forward of positions 0..n that a decode without caches runs at that step)."""
+    bb = model.backbone
+    x = torch.randn(rows, bb.cfg.seq_len, bb.cfg.dim, device=device, dtype=dtype)
+    bb.setup_caches(rows, dtype=dtype, device=device)
+    caches = [layer.attention.kv_cache for layer in bb.layers]
+
+    def attach(on: bool):
+        for layer, c in zip(bb.layers, caches):
+            layer.attention.kv_cache = c if on else None
+
+    @torch.no_grad()
+    def cached(n):
+        attach(True)
+        bb.step(x[:, n:n + 1], n)
+
+    @torch.no_grad()
+    def full(n):
+        attach(False)
+        bb.step(x[:, :n + 1], 0)
+
+    out = {}
+    for n in positions:
+        out[f"cached@{n}"] = lambda n=n: cached(n)
+        out[f"full@{n}"] = lambda n=n: full(n)
+    return out
+
+
+def kv_estimate(times: dict[str, list[float]], fam: str, positions: list[int], steps: int,
+                decode: list[float]) -> dict[str, float]:
+    """The uncached decode's time, estimated: the cached decode plus, at every backbone step, what the full
+    forward costs over the cached step (linear interpolation between the timed positions); per statistic."""
+    import numpy as np
+
+    out = {}
+    for stat, f in (("min", min), ("median", statistics.median)):
+        extra = [f(times[f"{fam}/full@{n}"]) - f(times[f"{fam}/cached@{n}"]) for n in positions]
+        total_extra = float(np.interp(np.arange(steps), positions, extra).sum())
+        out[stat] = (f(decode) + total_extra) / f(decode)
+    bb = {stat: float(sum(np.interp(np.arange(steps), positions, [f(times[f"{fam}/full@{n}"]) for n in positions]))
+                      / sum(np.interp(np.arange(steps), positions, [f(times[f"{fam}/cached@{n}"]) for n in positions])))
+          for stat, f in (("min", min), ("median", statistics.median))}
+    return {"decode": out, "backbone": bb, "positions": positions}
+
+
 def measure(args) -> dict:
     from iar2.ar.generate import SamplingConfig, generate
     from iar2.ar.pag_cfg import GuidanceConfig
@@ -66,20 +119,28 @@ def measure(args) -> dict:
     B, M = args.batch_size, args.grid ** 2
     rows = 2 * B if args.cfg != "none" else B
     labels, idx = torch.arange(B, device=dev) % 1000, torch.arange(B)
-    cases, limit, models = {}, {}, {}
+    cases, limit, models, positions = {}, {}, {}, {}
     for fam in fams:
         model = models[fam] = build(fam, args, dev, dtype)
 
-        def run(model=model, kv=True):
-            sc = SamplingConfig(guidance=GuidanceConfig(mode=args.cfg, scale=2.0), kv_cache=kv, seed=0)
+        def run(model=model, kv=True, compile=False):
+            sc = SamplingConfig(guidance=GuidanceConfig(mode=args.cfg, scale=2.0), kv_cache=kv, seed=0,
+                                compile=compile)
             generate(model, labels, idx, sc)
 
         cases[f"{fam}/decode"] = run
+        if args.compile:  # the warm-up below compiles it
+            cases[f"{fam}/compiled"] = lambda run=run: run(compile=True)
         cases[f"{fam}/bound"] = weights_read_step(model, rows, dev, dtype)
         cases[f"{fam}/gemm"] = weights_read_step(model, rows, dev, dtype, shapes="actual")
         if args.kv_repeats:
             cases[f"{fam}/uncached"] = lambda run=run: run(kv=False)
             limit[f"{fam}/uncached"] = args.kv_repeats
+        steps = model.cfg.backbone().seq_len - 1  # backbone steps of one decode (the last token is not fed)
+        positions[fam] = sorted({round(i * (steps - 1) / max(args.kv_positions - 1, 1))
+                                 for i in range(args.kv_positions)})
+        for name, fn in backbone_positions(model, rows, positions[fam], dev, dtype).items():
+            cases[f"{fam}/{name}"] = fn
     # the uncached decode is warmed by its cached twin (same kernels); warming it separately would cost 10x
     warm = {n: fn for n, fn in cases.items() if not n.endswith("/uncached")}
     for fn in warm.values():
@@ -98,10 +159,18 @@ def measure(args) -> dict:
             unc = stats(times[f"{fam}/uncached"], 1e3 / M)
             r["uncached_ms_per_step"] = unc
             r["kv_speedup"] = ratio(unc, step)
+        if args.compile:
+            comp = stats(times[f"{fam}/compiled"], 1e3 / M)
+            r.update(compiled_ms_per_step=comp, compiled_ratio_to_bound=ratio(comp, bound),
+                     compile_speedup=ratio(step, comp))
+        if positions[fam]:
+            steps = models[fam].cfg.backbone().seq_len - 1
+            r["kv_speedup_estimate"] = kv_estimate(times, fam, positions[fam], steps, times[f"{fam}/decode"])
         res[fam] = r
     return {"bench": "sample", "commit": git_commit(), "machine": machine(dev), "threads": threads,
             "settings": {"size": args.size, "grid": args.grid, "batch": B, "rows": rows, "cfg": args.cfg,
-                         "dtype": args.dtype, "repeats": args.repeats, "kv_repeats": args.kv_repeats},
+                         "dtype": args.dtype, "repeats": args.repeats, "kv_repeats": args.kv_repeats,
+                         "kv_positions": args.kv_positions, "compile": args.compile},
             "results": res}
 
 
@@ -121,6 +190,17 @@ def report(out: dict) -> str:
                      f"{r['gemm_ms']['min']:9.1f} {r['gemm_ms']['median']:7.1f} "
                      f"{r['ratio_to_gemm']['min']:9.2f} {r['ratio_to_gemm']['median']:7.2f} "
                      f"{kv['min']:8.1f} {kv['median']:7.1f}")
+    for fam, r in out["results"].items():
+        if "compiled_ms_per_step" in r:
+            c, cr = r["compiled_ms_per_step"], r["compiled_ratio_to_bound"]
+            lines.append(f"{fam}: compiled static-cache step {c['min']:.1f} / {c['median']:.1f} ms (min / median), "
+                         f"{cr['min']:.2f} / {cr['median']:.2f} x the bound, "
+                         f"{r['compile_speedup']['min']:.2f} / {r['compile_speedup']['median']:.2f} x faster than eager")
+        if "kv_speedup_estimate" in r:
+            e = r["kv_speedup_estimate"]
+            lines.append(f"{fam}: KV-cache speed-up estimated from {len(e['positions'])} positions: decode "
+                         f"{e['decode']['min']:.1f} (min) / {e['decode']['median']:.1f} (median), backbone "
+                         f"{e['backbone']['min']:.1f} / {e['backbone']['median']:.1f}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ Run under torchrun with one process (gpu_check.sh does), so the trainers' proces
   iar2.ar.train uses: one unit per TransformerBlock, bf16 params, fp32 reduce); tokens/s and MFU
   (6 x params x tokens per step over the GPU's dense bf16 peak);
 - decode: ms/step of LlamaGen-B and IAR2-B (batch 4 + 4 CFG rows, 16x16) against the weights-read bound
-  (iar2 bench sample's measure, bf16 weights);
+  (iar2 bench sample's measure, bf16 weights), eager and with the backbone step compiled on static caches
+  (CUDA graphs), and the KV-cache speed-up estimated from 5 positions;
 - peak GPU memory.
 """
 from __future__ import annotations
@@ -93,7 +94,7 @@ def main() -> int:
     sp = argparse.ArgumentParser()
     bench_sample.add_bench_arguments(sp)
     dec = bench_sample.measure(sp.parse_args(["--dtype", "bf16", "--repeats", str(args.repeats), "--kv-repeats", "0",
-                                              "--device", "cuda"]))
+                                              "--kv-positions", "5", "--compile", "--device", "cuda"]))
     report["decode"] = dec["results"]
     report["commit"] = dec["commit"]
     report["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
