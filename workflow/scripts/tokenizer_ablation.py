@@ -1,7 +1,7 @@
 """Tokenizer ablations beside the DAG's tokenizers (issues 13 and 16): another straight-through estimator, more steps.
 
     python workflow/scripts/tokenizer_ablation.py [--results results/default] [--estimator legacy|paper]
-        [--steps-factor F] [--tokenizers vq-16384 sd-256-4096] [--ar-runs llamagen-B-16 iar2-B-16]
+        [--steps-factor F] [--batch-factor F] [--tokenizers vq-16384 sd-256-4096] [--ar-runs llamagen-B-16 iar2-B-16]
 
 The DAG's tokenizers (results/<scale>/tokenizers/<tok>/recon.json, the paper's z + sg(c - z), the scale's steps)
 are the reference. The variant retrains the same tokenizers from the same configs, seeds and data, changing only:
@@ -9,6 +9,9 @@ are the reference. The variant retrains the same tokenizers from the same config
   perceptual, GAN) gradients reach the codebooks. It is swapped in by patching the one function in this process
   only; nothing in the package changes.
 - --steps-factor F: every stage's train.steps times F (single and dual alike: equal compute stays equal).
+- --batch-factor F: every stage's train.batch_size times F, the steps unchanged: whether the plateau is bound by
+  optimiser steps (the codebooks move by about the learning rate per step) or by images seen, at a fraction of
+  the compute.
 It evaluates them with the recon_eval rule's settings. The DAG's own artifacts are only read.
 Writes <out>/ablation.json and prints the table. Run it after the workflow has built the tokenizers.
 
@@ -70,14 +73,16 @@ def _tok_dir(results: Path, scale_file: Path, tok: str, out: Path, variant: str)
     return out / f"{tok}-{key}"
 
 
-def _retrain(results: Path, tok: str, out: Path, steps_factor: float) -> Path:
+def _retrain(results: Path, tok: str, out: Path, steps_factor: float, batch_factor: float = 1.0) -> Path:
     """Train tok's stages (the variant) under `out` (a folder keyed by their inputs); returns the final weights."""
     weights = None
     for stage in _stages(results, tok):
         run_dir = out / (stage if stage == "stage1" else "")
         cfg_file = results / "configs" / "tokenizer" / f"{tok}-{stage}.yaml"
-        steps = int(round(yaml.safe_load(cfg_file.read_text())["train"]["steps"] * steps_factor))
-        sets = ["--set", f"train.steps={steps}"]
+        train = yaml.safe_load(cfg_file.read_text())["train"]
+        steps = int(round(train["steps"] * steps_factor))
+        batch = max(1, int(round(train["batch_size"] * batch_factor)))
+        sets = ["--set", f"train.steps={steps}", "--set", f"train.batch_size={batch}"]
         if stage == "stage2":  # start from the variant's stage 1, not the DAG's
             sets.append(f"train.init_from={out / 'stage1' / 'vq.safetensors'}")
         if not (run_dir / "vq.safetensors").is_file():
@@ -155,17 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--estimator", choices=["legacy", "paper"], default="legacy",
                     help="legacy: c + (z - sg z) (before 17e31dc); paper: z + sg(c - z), as the DAG")
     ap.add_argument("--steps-factor", type=float, default=1.0, help="every tokenizer stage's steps times this")
+    ap.add_argument("--batch-factor", type=float, default=1.0, help="every tokenizer stage's batch size times this")
     ap.add_argument("--out", default=None, help="output folder (default: <results>/diagnose/ablation/<variant>)")
     ap.add_argument("--ar-runs", nargs="*", default=[], help="AR runs to retrain on the legacy tokenizers' tokens")
     args = ap.parse_args(argv)
     results = Path(args.results)
     scale_file = Path(args.scale_file or f"params/{results.name}.yaml")
     scale_cfg = yaml.safe_load(scale_file.read_text())
-    if args.steps_factor <= 0:
-        ap.error("--steps-factor must be > 0")
-    variant = f"{args.estimator}-x{args.steps_factor:g}"
+    if args.steps_factor <= 0 or args.batch_factor <= 0:
+        ap.error("--steps-factor and --batch-factor must be > 0")
+    variant = f"{args.estimator}-x{args.steps_factor:g}" + (f"-b{args.batch_factor:g}" if args.batch_factor != 1 else "")
     if variant == "paper-x1":
-        ap.error("that variant is the DAG's own tokenizers: change --estimator or --steps-factor")
+        ap.error("that variant is the DAG's own tokenizers: change --estimator, --steps-factor or --batch-factor")
     out = Path(args.out or results / "diagnose" / "ablation" / variant)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             sdq._straight_through = _legacy_straight_through
         try:
             tok_dir = _tok_dir(results, scale_file, tok, out, variant)
-            weights = _retrain(results, tok, tok_dir, args.steps_factor)
+            weights = _retrain(results, tok, tok_dir, args.steps_factor, args.batch_factor)
         finally:
             sdq._straight_through = paper_st
         legacy_vq[tok] = weights
