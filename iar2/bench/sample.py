@@ -91,20 +91,18 @@ def backbone_positions(model, rows: int, positions: list[int], device, dtype) ->
 
 
 def kv_estimate(times: dict[str, list[float]], fam: str, positions: list[int], steps: int,
-                decode: list[float]) -> dict[str, float]:
+                decode: list[float]) -> dict:
     """The uncached decode's time, estimated: the cached decode plus, at every backbone step, what the full
     forward costs over the cached step (linear interpolation between the timed positions); per statistic."""
     import numpy as np
 
-    out = {}
-    for stat, f in (("min", min), ("median", statistics.median)):
-        extra = [f(times[f"{fam}/full@{n}"]) - f(times[f"{fam}/cached@{n}"]) for n in positions]
-        total_extra = float(np.interp(np.arange(steps), positions, extra).sum())
-        out[stat] = (f(decode) + total_extra) / f(decode)
-    bb = {stat: float(sum(np.interp(np.arange(steps), positions, [f(times[f"{fam}/full@{n}"]) for n in positions]))
-                      / sum(np.interp(np.arange(steps), positions, [f(times[f"{fam}/cached@{n}"]) for n in positions])))
-          for stat, f in (("min", min), ("median", statistics.median))}
-    return {"decode": out, "backbone": bb, "positions": positions}
+    def total(case: str, f) -> float:  # one statistic of `case`, summed over every backbone step
+        return float(np.interp(np.arange(steps), positions, [f(times[f"{fam}/{case}@{n}"]) for n in positions]).sum())
+
+    stat_fns = {"min": min, "median": statistics.median}
+    return {"decode": {s: (f(decode) + total("full", f) - total("cached", f)) / f(decode) for s, f in stat_fns.items()},
+            "backbone": {s: total("full", f) / total("cached", f) for s, f in stat_fns.items()},
+            "positions": positions}
 
 
 def measure(args) -> dict:
