@@ -1,0 +1,198 @@
+"""How much of an FID difference is the training run's own noise? Retrain DAG runs with other seeds and compare.
+
+    python workflow/scripts/seed_spread.py [--results results/default] [--runs iar2-B-24 llamagen-B-24]
+        [--seeds 1 2] [--epochs 100 300]
+
+The claims' intervals (iar2/bootstrap.py) resample the generated and reference images: they hold the trained
+weights fixed, so they measure sampling noise only. Two runs of the same code on two machines gave IAR2-B-24's
+300-epoch FID 8.9 and 28.2 (README, "Why IAR2 loses"): at this scale the weights a run ends on vary more than the
+samples do. This script measures that spread. Each run is retrained from the DAG's own config
+(<results>/configs/ar/<run>.yaml, the same tokens) with only train.seed changed, sampled at each epoch with the
+DAG's sample config of that (run, epoch, guidance), and scored with the gen_metrics rule's settings. The DAG's
+seed-0 result is read from its metrics.json. The DAG's artifacts are only read; everything is written under
+<results>/diagnose/seeds/, in folders keyed by what they were computed from (a changed input starts over).
+
+Prints, per (run, epoch), every seed's FID, their mean and standard deviation, and the seed-0 set's bootstrap
+interval half-width beside it; writes <results>/diagnose/seeds/spread.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+from iar2.io import atomic_path
+
+
+def _run(argv: list[str]) -> None:
+    from iar2.cli import main
+
+    rc = main(argv)
+    if rc:
+        raise SystemExit(f"iar2 {' '.join(argv)} exited {rc}")
+
+
+def _key(*parts) -> str:
+    """Ten hex digits over files' contents and plain values."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(Path(p).read_bytes() if isinstance(p, Path) else repr(p).encode())
+    return h.hexdigest()[:10]
+
+
+def _guidance(results: Path, run: str, epochs: list[int], guidance: str | None) -> str:
+    """The guidance folder to compare at every epoch: the one named, else the one the DAG sampled at all of them
+    (the static one if several: Figure 7c's)."""
+    common = None
+    for e in epochs:
+        base = results / "configs" / "sampling" / run / f"e{e}"
+        names = {p.stem for p in base.glob("*.yaml")} if base.is_dir() else set()
+        if guidance and guidance not in names:
+            raise SystemExit(f"{base}/{guidance}.yaml not found; the DAG sampled {run} at epoch {e} with: "
+                             f"{', '.join(sorted(names)) or 'nothing'}")
+        common = names if common is None else common & names
+    if guidance:
+        return guidance
+    if not common:
+        raise SystemExit(f"the DAG has no sample set of {run} with one guidance at every epoch of {epochs} "
+                         "(build them first, or name one with --guidance)")
+    static = sorted(n for n in common if n.startswith("static-"))
+    return (static or sorted(common))[0]
+
+
+def half_width(metrics: dict) -> float | None:
+    """Half the 95 % percentile interval of a sample set's bootstrap FID replicates (None without them)."""
+    reps = (metrics.get("bootstrap") or {}).get("fid")
+    if not reps or len(reps) < 2:
+        return None
+    from iar2.bootstrap import percentile_interval
+
+    lo, hi = percentile_interval(reps)
+    return (hi - lo) / 2
+
+
+def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Welch's t interval of mean(a) - mean(b): the training runs of each side are the samples."""
+    from scipy import stats
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    d = statistics.fmean(a) - statistics.fmean(b)
+    se = (va + vb) ** 0.5
+    if se == 0:
+        return d, d
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t = stats.t.ppf(0.5 + level / 2, df)
+    return d - t * se, d + t * se
+
+
+def compare(table: dict, runs: list[str]) -> dict:
+    """For each pair of runs sampled at the same epoch: the difference of their seed means and its interval."""
+    out = {}
+    keys = list(table)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            ra, ea = a.split("/")[:2]
+            rb, eb = b.split("/")[:2]
+            if ea != eb or ra == rb:
+                continue
+            fa, fb = list(table[a]["fid_by_seed"].values()), list(table[b]["fid_by_seed"].values())
+            if min(len(fa), len(fb)) < 2:
+                continue
+            out[(a, b)] = {"difference": statistics.fmean(fa) - statistics.fmean(fb),
+                           "interval": welch_interval(fa, fb), "seeds": min(len(fa), len(fb))}
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+def retrain_and_score(results: Path, scale_cfg: dict, run: str, seed: int, epochs: list[int],
+                      guidance: dict[int, str], out_root: Path) -> dict[int, float]:
+    cfg_file = results / "configs" / "ar" / f"{run}.yaml"
+    if not cfg_file.is_file():
+        raise SystemExit(f"{cfg_file} not found: build the run first (snakemake {results}/ar/{run}/model.safetensors)")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    tokens = Path(cfg["train"]["tokens"])
+    tok = tokens.parent.name  # <results>/tokens/<tok>/g<grid>
+    vq = results / "tokenizers" / tok / "vq.safetensors"
+    sample_cfgs = {e: results / "configs" / "sampling" / run / f"e{e}" / f"{guidance[e]}.yaml" for e in epochs}
+    out = out_root / f"{run}-seed{seed}-{_key(cfg_file, tokens / 'meta.json', vq, *sample_cfgs.values(), seed)}"
+    ar = out / "ar"
+    if not (ar / "model.safetensors").is_file():
+        _run(["ar", "train", "--config", str(cfg_file), "--set", f"train.seed={seed}", f"name={run}-seed{seed}",
+              "--out", str(ar), "--resume", "auto"])
+    m = scale_cfg.get("gen_metrics", {})
+    data, report = scale_cfg["data"]["root"], str(results / "data" / "check.json")
+    fids = {}
+    for e in epochs:
+        sdir = out / f"e{e}" / guidance[e]
+        if not (sdir / "samples.npz").is_file():
+            _run(["sample", "--ar", str(ar / f"model_e{e:03d}.safetensors"), "--vq", str(vq),
+                  "--config", str(sample_cfgs[e]), "--out", str(sdir)])
+        met = sdir / "metrics.json"
+        if not met.is_file():
+            _run(["metrics", "--samples", str(sdir / "samples.npz"), "--data", data, "--split", "train",
+                  "--report", report, "--extractor", m.get("extractor", "domain"),
+                  "--domain-net", str(results / "refnet" / "refnet.safetensors"),
+                  "--max-reference", str(m.get("max_reference", 1000)), "--bootstrap", "0",
+                  "--cache-dir", str(results / "cache" / "reference"), "--out", str(met)])
+        fids[e] = json.loads(met.read_text())["fid"]
+    return fids
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("results/default"))
+    p.add_argument("--scale-file", type=Path, help="the scale's params file (default: params/<results' name>.yaml)")
+    p.add_argument("--runs", nargs="+", default=["iar2-B-24", "llamagen-B-24"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="seeds besides the DAG's (its train.seed)")
+    p.add_argument("--epochs", nargs="+", type=int, default=[100, 300])
+    p.add_argument("--guidance", help="guidance folder to sample with (default: the DAG's, static if several)")
+    args = p.parse_args(argv)
+    results = args.results
+    scale_file = args.scale_file or Path("params") / f"{results.name}.yaml"
+    scale_cfg = yaml.safe_load(scale_file.read_text())
+    out_root = results / "diagnose" / "seeds"
+    table = {}
+    for run in args.runs:
+        g = _guidance(results, run, args.epochs, args.guidance)
+        guidance = {e: g for e in args.epochs}
+        dag = {}
+        for e in args.epochs:
+            met = results / "ar" / run / f"e{e}" / guidance[e] / "metrics.json"
+            if not met.is_file():
+                raise SystemExit(f"{met} not found: build it first (snakemake {met})")
+            dag[e] = json.loads(met.read_text())
+        per_seed = {0: {e: dag[e]["fid"] for e in args.epochs}}
+        for s in args.seeds:
+            per_seed[s] = retrain_and_score(results, scale_cfg, run, s, args.epochs, guidance, out_root)
+        for e in args.epochs:
+            vals = [per_seed[s][e] for s in per_seed]
+            table[f"{run}/e{e}/{guidance[e]}"] = {"fid_by_seed": {str(s): per_seed[s][e] for s in per_seed},
+                                                  **spread(vals), "bootstrap_half_width": half_width(dag[e])}
+    out_root.mkdir(parents=True, exist_ok=True)
+    path = out_root / "spread.json"  # one file for every study: a later call adds or replaces its own sets
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({**kept, **table}, indent=1) + "\n")
+    print(f"{'sample set':44s} {'FID by seed':34s} {'mean':>6s} {'sd':>5s} {'boot +-':>7s}")
+    for k, v in table.items():
+        seeds = " ".join(f"{s}:{f:.2f}" for s, f in v["fid_by_seed"].items())
+        sd = f"{v['sd']:.2f}" if v["sd"] is not None else "-"
+        hw = f"{v['bootstrap_half_width']:.2f}" if v["bootstrap_half_width"] is not None else "-"
+        print(f"{k:44s} {seeds:34s} {v['mean']:6.2f} {sd:>5s} {hw:>7s}")
+    for (a, b), d in compare(table, args.runs).items():
+        print(f"{a} - {b}: {d['difference']:+.2f} FID, 95 % interval over seeds "
+              f"[{d['interval'][0]:+.2f}, {d['interval'][1]:+.2f}] ({d['seeds']} seeds each)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
