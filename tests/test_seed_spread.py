@@ -58,7 +58,7 @@ def dag(tmp_path, monkeypatch):
     def fake_run(argv):
         calls.append(argv)
         if argv[:2] == ["ar", "train"]:
-            assert argv[argv.index("--config") + 1].endswith(".yaml") and "train.seed=0" not in argv
+            assert argv[argv.index("--config") + 1].endswith(".yaml")
             out = Path(argv[argv.index("--out") + 1])
             out.mkdir(parents=True)
             (out / "model.safetensors").write_bytes(b"w")
@@ -82,6 +82,7 @@ def test_retrains_with_only_the_seed_changed_and_compares_over_seeds(dag, tmp_pa
             "--runs", "a", "b", "--seeds", "1", "2", "--epochs", "300"]
     assert mod.main(argv) == 0
     trains = [c for c in calls if c[:2] == ["ar", "train"]]
+    # seed 0 is the DAG's own run: read, not retrained
     assert len(trains) == 4 and {c[c.index("--set") + 1] for c in trains} == {"train.seed=1", "train.seed=2"}
     samples = [c for c in calls if c[0] == "sample"]
     assert all(c[c.index("--config") + 1].endswith("e300/static-2.0.yaml") for c in samples)  # the DAG's config
@@ -114,3 +115,22 @@ def test_a_guidance_the_dag_did_not_sample_is_refused(dag, tmp_path):
                                          "pag-1.5-3.0, static-2.0"):
         mod.main(["--results", str(results), "--scale-file", str(tmp_path / "params" / "default.yaml"),
                   "--runs", "a", "--seeds", "1", "--epochs", "300", "--guidance", "static-9.0"])
+
+
+def test_overrides_retrain_seed_zero_too_and_name_the_variant(dag, tmp_path):
+    mod, results, calls = dag
+    assert mod.main(["--results", str(results), "--scale-file", str(tmp_path / "params" / "default.yaml"),
+                     "--runs", "a", "b", "--seeds", "1", "--epochs", "300",
+                     "--set", "train.lr_schedule=cosine"]) == 0
+    trains = [c for c in calls if c[:2] == ["ar", "train"]]
+    # the DAG's seed-0 weights were trained without the override: the variant retrains seed 0 as well
+    assert sorted(c[c.index("--set") + 1] for c in trains) == ["train.seed=0", "train.seed=0", "train.seed=1",
+                                                                 "train.seed=1"]
+    assert all("train.lr_schedule=cosine" in c for c in trains)
+    table = json.loads((results / "diagnose" / "seeds" / "spread.json").read_text())
+    assert set(table) == {"a/e300/static-2.0 [train.lr_schedule=cosine]", "b/e300/static-2.0 [train.lr_schedule=cosine]"}
+    # the variant's folders are not the plain study's: a plain rerun retrains
+    calls.clear()
+    mod.main(["--results", str(results), "--scale-file", str(tmp_path / "params" / "default.yaml"),
+              "--runs", "a", "--seeds", "1", "--epochs", "300"])
+    assert [c for c in calls if c[:2] == ["ar", "train"]]

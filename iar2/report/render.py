@@ -307,7 +307,10 @@ def md_claims(claims: list[ClaimResult], scale: str) -> str:
              f"**{tally_text(t)}.** Rules: `params/paper/claims.yaml`. A comparison is decided by the 95 % "
              "bootstrap interval of the paired difference (reproduced: on the claimed side of 0; contradicted: on "
              "the other; inconclusive: it contains 0); the detail gives the interval, the replicates and the "
-             "sample counts n.", "",
+             "sample counts n. The interval is of sampling noise only: it holds each run's trained weights fixed. "
+             "At small scales another training seed moves FID by more than that (measured at the default scale: "
+             "a seed-to-seed SD of 1-9 FID against half-widths of 1.2-2.9; `workflow/scripts/seed_spread.py`), "
+             "so a verdict there is one of these runs, not of the method.", "",
              "| id | claim | source | ours | detail | on the paper's numbers |", "|---|---|---|---|---|---|"]
     for r in claims:
         lines.append(f"| {_md(r.claim.id)} | {_md(r.claim.text)} | {_md(r.claim.source)} | **{r.ours.status}** | "

@@ -98,7 +98,7 @@ def compare(table: dict, runs: list[str]) -> dict:
         for b in keys[i + 1:]:
             ra, ea = a.split("/")[:2]
             rb, eb = b.split("/")[:2]
-            if ea != eb or ra == rb:
+            if ea != eb or ra == rb or a.partition(" [")[2] != b.partition(" [")[2]:  # same epoch and variant
                 continue
             fa, fb = list(table[a]["fid_by_seed"].values()), list(table[b]["fid_by_seed"].values())
             if min(len(fa), len(fb)) < 2:
@@ -114,7 +114,7 @@ def spread(values: list[float]) -> dict:
 
 
 def retrain_and_score(results: Path, scale_cfg: dict, run: str, seed: int, epochs: list[int],
-                      guidance: dict[int, str], out_root: Path) -> dict[int, float]:
+                      guidance: dict[int, str], out_root: Path, overrides: list[str] = ()) -> dict[int, float]:
     cfg_file = results / "configs" / "ar" / f"{run}.yaml"
     if not cfg_file.is_file():
         raise SystemExit(f"{cfg_file} not found: build the run first (snakemake {results}/ar/{run}/model.safetensors)")
@@ -123,11 +123,12 @@ def retrain_and_score(results: Path, scale_cfg: dict, run: str, seed: int, epoch
     tok = tokens.parent.name  # <results>/tokens/<tok>/g<grid>
     vq = results / "tokenizers" / tok / "vq.safetensors"
     sample_cfgs = {e: results / "configs" / "sampling" / run / f"e{e}" / f"{guidance[e]}.yaml" for e in epochs}
-    out = out_root / f"{run}-seed{seed}-{_key(cfg_file, tokens / 'meta.json', vq, *sample_cfgs.values(), seed)}"
+    key = _key(cfg_file, tokens / "meta.json", vq, *sample_cfgs.values(), seed, sorted(overrides))
+    out = out_root / f"{run}-seed{seed}-{key}"
     ar = out / "ar"
     if not (ar / "model.safetensors").is_file():
         _run(["ar", "train", "--config", str(cfg_file), "--set", f"train.seed={seed}", f"name={run}-seed{seed}",
-              "--out", str(ar), "--resume", "auto"])
+              *overrides, "--out", str(ar), "--resume", "auto"])
     m = scale_cfg.get("gen_metrics", {})
     data, report = scale_cfg["data"]["root"], str(results / "data" / "check.json")
     fids = {}
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="seeds besides the DAG's (its train.seed)")
     p.add_argument("--epochs", nargs="+", type=int, default=[100, 300])
     p.add_argument("--guidance", help="guidance folder to sample with (default: the DAG's, static if several)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="AR config overrides for every retrained run, e.g. train.lr_schedule=cosine (then seed 0 "
+                        "is retrained too, and the sets are named with them)")
     args = p.parse_args(argv)
     results = args.results
     scale_file = args.scale_file or Path("params") / f"{results.name}.yaml"
@@ -170,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             if not met.is_file():
                 raise SystemExit(f"{met} not found: build it first (snakemake {met})")
             dag[e] = json.loads(met.read_text())
-        per_seed = {0: {e: dag[e]["fid"] for e in args.epochs}}
-        for s in args.seeds:
-            per_seed[s] = retrain_and_score(results, scale_cfg, run, s, args.epochs, guidance, out_root)
+        per_seed = {} if args.overrides else {0: {e: dag[e]["fid"] for e in args.epochs}}
+        for s in ([0] if args.overrides else []) + [s for s in args.seeds if s or not args.overrides]:
+            per_seed[s] = retrain_and_score(results, scale_cfg, run, s, args.epochs, guidance, out_root,
+                                            args.overrides)
+        variant = f" [{' '.join(args.overrides)}]" if args.overrides else ""
         for e in args.epochs:
             vals = [per_seed[s][e] for s in per_seed]
-            table[f"{run}/e{e}/{guidance[e]}"] = {"fid_by_seed": {str(s): per_seed[s][e] for s in per_seed},
+            table[f"{run}/e{e}/{guidance[e]}{variant}"] = {"fid_by_seed": {str(s): per_seed[s][e] for s in per_seed},
                                                   **spread(vals), "bootstrap_half_width": half_width(dag[e])}
     out_root.mkdir(parents=True, exist_ok=True)
     path = out_root / "spread.json"  # one file for every study: a later call adds or replaces its own sets
