@@ -70,7 +70,9 @@ def dag(tmp_path, monkeypatch):
             out = Path(argv[argv.index("--out") + 1])
             run_dir = out.parents[2].name  # <run>-seed<s>-<key>
             run, seed = run_dir.split("-seed")[0], int(run_dir.split("-seed")[1].split("-")[0])
-            out.write_text(json.dumps({"fid": FID[(run, seed, 300)]}))
+            assert argv[argv.index("--bootstrap") + 1] == "200"  # the DAG's replicates, not none
+            f = FID[(run, seed, 300)]
+            out.write_text(json.dumps({"fid": f, "bootstrap": {"fid": [f - 2, f, f + 2] * 10}}))
 
     monkeypatch.setattr(mod, "_run", fake_run)
     return mod, results, calls
@@ -94,6 +96,7 @@ def test_retrains_with_only_the_seed_changed_and_compares_over_seeds(dag, tmp_pa
     assert a["bootstrap_half_width"] == pytest.approx(1.0, abs=0.06)  # 2.5 / 97.5 % of {9, 10, 11}: [9, 11]
     out = capsys.readouterr().out
     assert "a/e300/static-2.0 - b/e300/static-2.0: -10.00 FID" in out
+    assert (results / "diagnose" / "seeds" / "spread.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a second study of other runs keeps this one's sets; a rerun of the same study retrains nothing
     calls.clear()
@@ -129,6 +132,8 @@ def test_overrides_retrain_seed_zero_too_and_name_the_variant(dag, tmp_path):
     assert all("train.lr_schedule=cosine" in c for c in trains)
     table = json.loads((results / "diagnose" / "seeds" / "spread.json").read_text())
     assert set(table) == {"a/e300/static-2.0 [train.lr_schedule=cosine]", "b/e300/static-2.0 [train.lr_schedule=cosine]"}
+    # the interval shown is the variant's own seed 0's (+-2), not the DAG's (+-1)
+    assert table["a/e300/static-2.0 [train.lr_schedule=cosine]"]["bootstrap_half_width"] == pytest.approx(2.0, abs=0.1)
     # the variant's folders are not the plain study's: a plain rerun retrains
     calls.clear()
     mod.main(["--results", str(results), "--scale-file", str(tmp_path / "params" / "default.yaml"),

@@ -8,12 +8,12 @@ weights fixed, so they measure sampling noise only. Two runs of the same code on
 300-epoch FID 8.9 and 28.2 (README, "Why IAR2 loses"): at this scale the weights a run ends on vary more than the
 samples do. This script measures that spread. Each run is retrained from the DAG's own config
 (<results>/configs/ar/<run>.yaml, the same tokens) with only train.seed changed, sampled at each epoch with the
-DAG's sample config of that (run, epoch, guidance), and scored with the gen_metrics rule's settings. The DAG's
-seed-0 result is read from its metrics.json. The DAG's artifacts are only read; everything is written under
+DAG's sample config of that (run, epoch, guidance), and scored with the gen_metrics rule's settings (its bootstrap
+replicates included). The DAG's seed-0 result is read from its metrics.json; with --set, seed 0 is retrained too. The DAG's artifacts are only read; everything is written under
 <results>/diagnose/seeds/, in folders keyed by what they were computed from (a changed input starts over).
 
 Prints, per (run, epoch), every seed's FID, their mean and standard deviation, and the seed-0 set's bootstrap
-interval half-width beside it; writes <results>/diagnose/seeds/spread.json.
+interval half-width beside it; writes <results>/diagnose/seeds/spread.json and spread.png (every study so far).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def spread(values: list[float]) -> dict:
 
 
 def retrain_and_score(results: Path, scale_cfg: dict, run: str, seed: int, epochs: list[int],
-                      guidance: dict[int, str], out_root: Path, overrides: list[str] = ()) -> dict[int, float]:
+                      guidance: dict[int, str], out_root: Path, overrides: list[str] = ()) -> dict[int, dict]:
     cfg_file = results / "configs" / "ar" / f"{run}.yaml"
     if not cfg_file.is_file():
         raise SystemExit(f"{cfg_file} not found: build the run first (snakemake {results}/ar/{run}/model.safetensors)")
@@ -130,22 +130,55 @@ def retrain_and_score(results: Path, scale_cfg: dict, run: str, seed: int, epoch
         _run(["ar", "train", "--config", str(cfg_file), "--set", f"train.seed={seed}", f"name={run}-seed{seed}",
               *overrides, "--out", str(ar), "--resume", "auto"])
     m = scale_cfg.get("gen_metrics", {})
+    boot = int(m.get("bootstrap", 200))  # the DAG's replicates: a retrained seed's interval is read the same way
+    mkey = _key(m.get("extractor", "domain"), m.get("max_reference", 1000), boot)  # new settings, new scores
     data, report = scale_cfg["data"]["root"], str(results / "data" / "check.json")
-    fids = {}
+    scores = {}
     for e in epochs:
         sdir = out / f"e{e}" / guidance[e]
         if not (sdir / "samples.npz").is_file():
             _run(["sample", "--ar", str(ar / f"model_e{e:03d}.safetensors"), "--vq", str(vq),
                   "--config", str(sample_cfgs[e]), "--out", str(sdir)])
-        met = sdir / "metrics.json"
+        met = sdir / f"metrics-{mkey}.json"
         if not met.is_file():
             _run(["metrics", "--samples", str(sdir / "samples.npz"), "--data", data, "--split", "train",
                   "--report", report, "--extractor", m.get("extractor", "domain"),
                   "--domain-net", str(results / "refnet" / "refnet.safetensors"),
-                  "--max-reference", str(m.get("max_reference", 1000)), "--bootstrap", "0",
+                  "--max-reference", str(m.get("max_reference", 1000)), "--bootstrap", str(boot),
                   "--cache-dir", str(results / "cache" / "reference"), "--out", str(met)])
-        fids[e] = json.loads(met.read_text())["fid"]
-    return fids
+        scores[e] = json.loads(met.read_text())
+    return scores
+
+
+def plot(table: dict, path: Path) -> None:
+    """One row per sample set: each seed's FID as a dot, the mean as a bar, the seed-0 bootstrap interval as a line
+    (so the two kinds of noise are seen side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    for y, k in enumerate(names):
+        v = table[k]
+        fids = list(v["fid_by_seed"].values())
+        ax.scatter(fids, [y] * len(fids), color="tab:blue", s=18, zorder=3, label="one seed" if y == 0 else None)
+        ax.plot([v["mean"]] * 2, [y - 0.3, y + 0.3], color="black", lw=2, label="mean over seeds" if y == 0 else None)
+        hw = v.get("bootstrap_half_width")
+        if hw is not None:
+            f0 = v["fid_by_seed"].get("0", v["mean"])
+            ax.plot([f0 - hw, f0 + hw], [y - 0.15] * 2, color="tab:orange", lw=3,
+                    label="seed 0: 95 % bootstrap interval" if y == 0 else None)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("FID")
+    ax.set_title("Training-seed spread against sampling noise", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,20 +207,22 @@ def main(argv: list[str] | None = None) -> int:
             if not met.is_file():
                 raise SystemExit(f"{met} not found: build it first (snakemake {met})")
             dag[e] = json.loads(met.read_text())
-        per_seed = {} if args.overrides else {0: {e: dag[e]["fid"] for e in args.epochs}}
+        per_seed = {} if args.overrides else {0: dag}  # a variant's seed 0 is its own, retrained
         for s in ([0] if args.overrides else []) + [s for s in args.seeds if s or not args.overrides]:
             per_seed[s] = retrain_and_score(results, scale_cfg, run, s, args.epochs, guidance, out_root,
                                             args.overrides)
         variant = f" [{' '.join(args.overrides)}]" if args.overrides else ""
         for e in args.epochs:
-            vals = [per_seed[s][e] for s in per_seed]
-            table[f"{run}/e{e}/{guidance[e]}{variant}"] = {"fid_by_seed": {str(s): per_seed[s][e] for s in per_seed},
-                                                  **spread(vals), "bootstrap_half_width": half_width(dag[e])}
+            vals = [per_seed[s][e]["fid"] for s in per_seed]
+            table[f"{run}/e{e}/{guidance[e]}{variant}"] = {
+                "fid_by_seed": {str(s): per_seed[s][e]["fid"] for s in per_seed}, **spread(vals),
+                "bootstrap_half_width": half_width(per_seed[0][e])}  # seed 0's (the DAG's, or the variant's)
     out_root.mkdir(parents=True, exist_ok=True)
     path = out_root / "spread.json"  # one file for every study: a later call adds or replaces its own sets
     kept = json.loads(path.read_text()) if path.is_file() else {}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({**kept, **table}, indent=1) + "\n")
+    plot({**kept, **table}, out_root / "spread.png")
     print(f"{'sample set':44s} {'FID by seed':34s} {'mean':>6s} {'sd':>5s} {'boot +-':>7s}")
     for k, v in table.items():
         seeds = " ".join(f"{s}:{f:.2f}" for s, f in v["fid_by_seed"].items())
