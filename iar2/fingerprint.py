@@ -75,6 +75,15 @@ def digest(path: str | Path) -> str:
     return f"missing:{p}"
 
 
+def short_key(*parts) -> str:
+    """Ten hex digits over paths' contents (files or folders, `digest`) and plain values (repr): a folder of a
+    study beside the DAG named with it is never reused after a change to what it was computed from."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update((digest(p) if isinstance(p, Path) else repr(p)).encode())
+    return h.hexdigest()[:10]
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}

@@ -5,7 +5,9 @@ Test modules import them with `from helpers import ...` (tests/ is on sys.path u
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,3 +85,12 @@ def run_config(tokens, paradigm="fused_hierarchical", vocab=(6, 10), **train_kw)
                      log_every=4, ckpt_every=1000, seed=0)
     train_cfg.update(train_kw)
     return from_dict(ARRunConfig, {"name": "t", "model": model, "train": train_cfg})
+
+
+def load_script(name: str):
+    """A module from workflow/scripts/ (they are scripts, not a package), loaded fresh for each test."""
+    path = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

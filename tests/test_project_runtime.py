@@ -2,21 +2,12 @@
 output), a job the measured run lacks at its rule's median, and the sum is divided by the measured run's
 job-seconds per wall second."""
 import base64
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("project_runtime", ROOT / "workflow/scripts/project_runtime.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from helpers import load_script
 
 def record(meta: Path, output: str, rule: str, start: float, end: float, incomplete: bool = False, job=None):
     name = base64.b64encode(output.encode()).decode()
@@ -38,13 +29,13 @@ def run_dir(tmp_path):
 
 
 def test_measured_jobs_count_each_job_once(run_dir):
-    by_output, per_rule, job_s, wall = load_script().measured_jobs(run_dir)
+    by_output, per_rule, job_s, wall = load_script("project_runtime").measured_jobs(run_dir)
     assert sorted(per_rule["sample"]) == [10, 60] and job_s == pytest.approx(170) and wall == pytest.approx(110)
     assert by_output["r/ar/y.npz"] == ("sample", 10) and "r/ar/half.npz" not in by_output
 
 
 def test_projection_prices_planned_jobs_and_divides_by_the_efficiency(run_dir, monkeypatch, capsys, tmp_path):
-    mod = load_script()
+    mod = load_script("project_runtime")
     # the candidate keeps a and y, drops x, and adds z, which the measured run lacks (sample median: 35 s)
     monkeypatch.setattr(mod, "planned_jobs", lambda target, args: [("vq_train", "r/tok/a.safetensors"),
                                                                    ("sample", "r/ar/y.npz"),
@@ -58,7 +49,7 @@ def test_projection_prices_planned_jobs_and_divides_by_the_efficiency(run_dir, m
 
 
 def test_planned_jobs_parses_a_dry_run(monkeypatch):
-    mod = load_script()
+    mod = load_script("project_runtime")
     dry = ("Building DAG of jobs...\n\nrule vq_train:\n    input: d\n    output: r/tok/a.safetensors, r/tok/a.json\n"
            "    jobid: 3\n\nlocalrule report:\n    input: r/tok/a.safetensors\n    output: reports/index.html\n")
 
@@ -72,4 +63,4 @@ def test_planned_jobs_parses_a_dry_run(monkeypatch):
 
 def test_a_checkout_without_a_run_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no Snakemake metadata"):
-        load_script().measured_jobs(tmp_path)
+        load_script("project_runtime").measured_jobs(tmp_path)

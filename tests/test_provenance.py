@@ -541,3 +541,23 @@ def test_one_changed_table9_value_reruns_only_that_cell(ci_workspace_root, tmp_p
     # the provenance lines that changed are that cell's sample and metrics runs, nothing else
     assert all("pag-1.75-2.5" in r for r in gone - set(values(gone)))
     assert all("pag-1.75-2.25" in r for r in new - set(values(new)))
+
+
+def test_short_key_follows_contents_of_files_and_folders(tmp_path):
+    """The name of a study's folder beside the DAG (workflow/scripts): a changed file anywhere in a folder it
+    read, or a file that appears where none was, gives another key; the same contents give the same key."""
+    from iar2.fingerprint import short_key
+
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    (tokens / "shard0.npy").write_bytes(b"a")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("seed: 0")
+    missing = tmp_path / "refnet.safetensors"
+    k = short_key(cfg, tokens, missing, 3)
+    assert len(k) == 10 and k == short_key(cfg, tokens, missing, 3)
+    (tokens / "shard0.npy").write_bytes(b"bb")  # another size: the digest memo keys on (size, mtime)
+    k2 = short_key(cfg, tokens, missing, 3)
+    missing.write_bytes(b"net")
+    k3 = short_key(cfg, tokens, missing, 3)
+    assert len({k, k2, k3, short_key(cfg, tokens, missing, 4)}) == 4

@@ -1,7 +1,6 @@
 """workflow/scripts/seed_spread.py: a run is retrained from the DAG's own config with only the seed changed,
 sampled with the DAG's sample config at each epoch, the seeds' spread is reported beside the sampling interval,
 and two runs are compared by an interval over seeds (Welch), not over samples."""
-import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -9,15 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("seed_spread", ROOT / "workflow/scripts/seed_spread.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from helpers import load_script
 
 # FID of each (run, seed, epoch): seed 0 is the DAG's
 FID = {("a", 0, 300): 10.0, ("a", 1, 300): 12.0, ("a", 2, 300): 11.0,
@@ -52,7 +43,7 @@ def make_dag(tmp_path: Path) -> Path:
 @pytest.fixture
 def dag(tmp_path, monkeypatch):
     results = make_dag(tmp_path)
-    mod = load_script()
+    mod = load_script("seed_spread")
     calls = []
 
     def fake_run(argv):
@@ -105,7 +96,7 @@ def test_retrains_with_only_the_seed_changed_and_compares_over_seeds(dag, tmp_pa
 
 
 def test_welch_interval_contains_the_difference_and_narrows_with_agreement():
-    mod = load_script()
+    mod = load_script("seed_spread")
     lo, hi = mod.welch_interval([10, 12, 11], [20, 21, 22])
     assert lo < -10 < hi < 0  # decided: every seed of a beats every seed of b by a wide margin
     lo2, hi2 = mod.welch_interval([5, 25, 11], [20, 21, 22])
@@ -131,7 +122,8 @@ def test_overrides_retrain_seed_zero_too_and_name_the_variant(dag, tmp_path):
                                                                  "train.seed=1"]
     assert all("train.lr_schedule=cosine" in c for c in trains)
     table = json.loads((results / "diagnose" / "seeds" / "spread.json").read_text())
-    assert set(table) == {"a/e300/static-2.0 [train.lr_schedule=cosine]", "b/e300/static-2.0 [train.lr_schedule=cosine]"}
+    assert set(table) == {"a/e300/static-2.0 [train.lr_schedule=cosine]",
+                          "b/e300/static-2.0 [train.lr_schedule=cosine]"}
     # the interval shown is the variant's own seed 0's (+-2), not the DAG's (+-1)
     assert table["a/e300/static-2.0 [train.lr_schedule=cosine]"]["bootstrap_half_width"] == pytest.approx(2.0, abs=0.1)
     # the variant's folders are not the plain study's: a plain rerun retrains
@@ -139,3 +131,17 @@ def test_overrides_retrain_seed_zero_too_and_name_the_variant(dag, tmp_path):
     mod.main(["--results", str(results), "--scale-file", str(tmp_path / "params" / "default.yaml"),
               "--runs", "a", "--seeds", "1", "--epochs", "300"])
     assert [c for c in calls if c[:2] == ["ar", "train"]]
+
+
+def test_a_changed_reference_network_rescores_without_retraining(dag, tmp_path):
+    mod, results, calls = dag
+    refnet = results / "refnet" / "refnet.safetensors"
+    refnet.parent.mkdir(parents=True)
+    refnet.write_bytes(b"net 1")
+    argv = ["--results", str(results), "--scale-file", str(tmp_path / "params" / "default.yaml"),
+            "--runs", "a", "--seeds", "1", "--epochs", "300"]
+    assert mod.main(argv) == 0
+    calls.clear()
+    refnet.write_bytes(b"net 2, retrained")  # new features: stale scores; the weights and samples are not
+    assert mod.main(argv) == 0
+    assert [c[0] for c in calls] == ["metrics"]

@@ -1,21 +1,12 @@
 """workflow/scripts/tokenizer_ablation.py: the variant retrains the DAG's tokenizer configs changing only what its
 flags name (steps, batch size, estimator), stage 2 starts from the variant's own stage 1, and the DAG's own
 tokenizers are refused as a variant."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("tokenizer_ablation", ROOT / "workflow/scripts/tokenizer_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from helpers import load_script
 
 def write_configs(results: Path):
     cfgs = results / "configs" / "tokenizer"
@@ -28,7 +19,7 @@ def write_configs(results: Path):
                                                               (1.0, 0.5, ((240, 8), (480, 8)))])
 def test_retrain_changes_only_steps_and_batch_and_chains_the_variants_own_stages(tmp_path, monkeypatch,
                                                                                  steps_factor, batch_factor, expect):
-    mod = load_script()
+    mod = load_script("tokenizer_ablation")
     write_configs(tmp_path)
     calls = []
 
@@ -53,7 +44,7 @@ def test_retrain_changes_only_steps_and_batch_and_chains_the_variants_own_stages
 
 
 def test_the_dags_own_tokenizers_are_not_a_variant(tmp_path, capsys):
-    mod = load_script()
+    mod = load_script("tokenizer_ablation")
     (tmp_path / "default.yaml").write_text("data: {root: x}\n")
     with pytest.raises(SystemExit) as e:
         mod.main(["--results", str(tmp_path / "default"), "--scale-file", str(tmp_path / "default.yaml"),
@@ -66,7 +57,7 @@ def test_the_dags_own_tokenizers_are_not_a_variant(tmp_path, capsys):
 
 
 def test_variant_folders_are_keyed_by_the_flags_and_the_inputs(tmp_path):
-    mod = load_script()
+    mod = load_script("tokenizer_ablation")
     write_configs(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "check.json").write_text("{}")

@@ -86,19 +86,20 @@ def main(argv=None) -> int:
 
     measured, by_rule, job_s, wall = measured_jobs(args.run_dir)
     efficiency = job_s / wall
-    sm = (["--config", *args.config] if args.config else []) + (["--configfile", args.configfile] if args.configfile else [])
+    sm = ["--config", *args.config] if args.config else []
+    sm += ["--configfile", args.configfile] if args.configfile else []
     plan = planned_jobs(args.target, sm)
     per_rule, missing, total = defaultdict(float), [], 0.0
     seen = set()
     for rule, out in plan:
+        if out in seen:
+            continue
+        seen.add(out)
         if out in measured:
             secs = measured[out][1]
         else:  # not in the measured run: its rule's median
             secs = statistics.median(by_rule[rule]) if by_rule.get(rule) else 0.0
             missing.append(out)
-        if out in seen:
-            continue
-        seen.add(out)
         per_rule[rule] += secs
         total += secs
     projected = total / efficiency

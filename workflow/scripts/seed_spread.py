@@ -9,7 +9,8 @@ weights fixed, so they measure sampling noise only. Two runs of the same code on
 samples do. This script measures that spread. Each run is retrained from the DAG's own config
 (<results>/configs/ar/<run>.yaml, the same tokens) with only train.seed changed, sampled at each epoch with the
 DAG's sample config of that (run, epoch, guidance), and scored with the gen_metrics rule's settings (its bootstrap
-replicates included). The DAG's seed-0 result is read from its metrics.json; with --set, seed 0 is retrained too. The DAG's artifacts are only read; everything is written under
+replicates included). The DAG's seed-0 result is read from its metrics.json; with --set, seed 0 is
+retrained too. The DAG's artifacts are only read; everything is written under
 <results>/diagnose/seeds/, in folders keyed by what they were computed from (a changed input starts over).
 
 Prints, per (run, epoch), every seed's FID, their mean and standard deviation, and the seed-0 set's bootstrap
@@ -18,7 +19,6 @@ interval half-width beside it; writes <results>/diagnose/seeds/spread.json and s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from iar2.fingerprint import short_key
 from iar2.io import atomic_path
 
 
@@ -37,12 +38,6 @@ def _run(argv: list[str]) -> None:
         raise SystemExit(f"iar2 {' '.join(argv)} exited {rc}")
 
 
-def _key(*parts) -> str:
-    """Ten hex digits over files' contents and plain values."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(Path(p).read_bytes() if isinstance(p, Path) else repr(p).encode())
-    return h.hexdigest()[:10]
 
 
 def _guidance(results: Path, run: str, epochs: list[int], guidance: str | None) -> str:
@@ -123,7 +118,8 @@ def retrain_and_score(results: Path, scale_cfg: dict, run: str, seed: int, epoch
     tok = tokens.parent.name  # <results>/tokens/<tok>/g<grid>
     vq = results / "tokenizers" / tok / "vq.safetensors"
     sample_cfgs = {e: results / "configs" / "sampling" / run / f"e{e}" / f"{guidance[e]}.yaml" for e in epochs}
-    key = _key(cfg_file, tokens / "meta.json", vq, *sample_cfgs.values(), seed, sorted(overrides))
+    # the tokens' contents (not only their meta), the tokenizer, the sample configs and this script
+    key = short_key(cfg_file, tokens, vq, *sample_cfgs.values(), seed, sorted(overrides), Path(__file__))
     out = out_root / f"{run}-seed{seed}-{key}"
     ar = out / "ar"
     if not (ar / "model.safetensors").is_file():
@@ -131,8 +127,11 @@ def retrain_and_score(results: Path, scale_cfg: dict, run: str, seed: int, epoch
               *overrides, "--out", str(ar), "--resume", "auto"])
     m = scale_cfg.get("gen_metrics", {})
     boot = int(m.get("bootstrap", 200))  # the DAG's replicates: a retrained seed's interval is read the same way
-    mkey = _key(m.get("extractor", "domain"), m.get("max_reference", 1000), boot)  # new settings, new scores
     data, report = scale_cfg["data"]["root"], str(results / "data" / "check.json")
+    refnet = results / "refnet" / "refnet.safetensors"
+    # scores depend on the settings and on the feature network and reference images: a change to any rescores
+    mkey = short_key(m.get("extractor", "domain"), m.get("max_reference", 1000), boot, refnet, Path(data),
+                     Path(report))
     scores = {}
     for e in epochs:
         sdir = out / f"e{e}" / guidance[e]
@@ -143,7 +142,7 @@ def retrain_and_score(results: Path, scale_cfg: dict, run: str, seed: int, epoch
         if not met.is_file():
             _run(["metrics", "--samples", str(sdir / "samples.npz"), "--data", data, "--split", "train",
                   "--report", report, "--extractor", m.get("extractor", "domain"),
-                  "--domain-net", str(results / "refnet" / "refnet.safetensors"),
+                  "--domain-net", str(refnet),
                   "--max-reference", str(m.get("max_reference", 1000)), "--bootstrap", str(boot),
                   "--cache-dir", str(results / "cache" / "reference"), "--out", str(met)])
         scores[e] = json.loads(met.read_text())

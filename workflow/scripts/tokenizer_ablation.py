@@ -22,12 +22,13 @@ so the estimator's effect on generation is measured with everything else equal.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import yaml
+
+from iar2.fingerprint import short_key  # folders named by what they were computed from
 
 METRICS = ("rfid", "psnr", "ssim", "lpips")
 
@@ -55,21 +56,10 @@ def _stages(results: Path, tok: str) -> list[str]:
                      f"{tok}/recon.json)")
 
 
-def _key(*parts) -> str:
-    """Ten hex digits over files' contents and plain values: a folder named with it is never reused after a change
-    to what it was computed from (a config, the data, the reference network, this script)."""
-    from iar2.fingerprint import file_digest
-
-    h = hashlib.sha256()
-    for p in parts:
-        h.update((file_digest(p) if isinstance(p, Path) else repr(p)).encode())
-    return h.hexdigest()[:10]
-
-
 def _tok_dir(results: Path, scale_file: Path, tok: str, out: Path, variant: str) -> Path:
     cfgs = [results / "configs" / "tokenizer" / f"{tok}-{st}.yaml" for st in _stages(results, tok)]
-    key = _key(variant, *cfgs, results / "data" / "check.json", results / "refnet" / "refnet.safetensors", scale_file,
-               Path(__file__))
+    key = short_key(variant, *cfgs, results / "data" / "check.json", results / "refnet" / "refnet.safetensors",
+                    scale_file, Path(__file__))
     return out / f"{tok}-{key}"
 
 
@@ -119,7 +109,7 @@ def _ar_legacy(results: Path, scale_cfg: dict, run: str, vq: Path, out: Path) ->
     # the same image size and augmentation as the DAG's tokens of this run
     dag_meta = Path(cfg["train"]["tokens"]) / "meta.json"
     dag_tokens = json.loads(dag_meta.read_text())
-    out = out / f"{run}-{_key(cfg_file, dag_meta, vq, Path(__file__))}"  # keyed: a changed input starts over
+    out = out / f"{run}-{short_key(cfg_file, dag_meta, vq, Path(__file__))}"  # keyed: a changed input starts over
     size, aug = dag_tokens["image_size"], dag_tokens["aug"]
     data, report = scale_cfg["data"]["root"], str(results / "data" / "check.json")
     tok = out / "tokens"
