@@ -121,6 +121,13 @@ class GenMetrics:
 
 
 @dataclass(frozen=True)
+class Seeds:
+    """Training seeds of the sample sets behind the central claims (iar2/seeds.py)."""
+    count: int
+    sets: list[str]  # sample-set folders (ar/<run>/e<epoch>/<guidance>) or glob patterns over them
+
+
+@dataclass(frozen=True)
 class Diagnosis:
     """The AR runs the report's Diagnosis section takes apart (workflow/rules/diagnosis.smk)."""
     runs: list[str]
@@ -194,6 +201,7 @@ class Scale:
     tokenize: Tokenize = field(default_factory=Tokenize)
     code_distance: CodeDistance = field(default_factory=CodeDistance)
     diagnosis: Diagnosis | None = None  # None: no diagnosis stage
+    seeds: Seeds | None = None  # None: one training seed everywhere
     resources: Resources = field(default_factory=Resources)
     experiments: dict = field(default_factory=dict)  # an overlay of params/experiments.yaml
 

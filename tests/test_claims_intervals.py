@@ -112,4 +112,5 @@ def test_metric_cells_carry_their_replicates(tmp_path):
     assert r.cell({"file": "r.json", "field": "rfid"}).replicates is None
     got = r.intervals_of({"fid": {"file": "m.json", "field": "fid"}, "is": {"file": "m.json", "field": "isc_mean"},
                           "rfid": {"file": "r.json", "field": "rfid"}})
-    assert got == {"_boot": {"fid": [5.1, 4.9, 5.0], "is": [3.0, 3.1, 2.9]}, "_n": {"fid": 40, "is": 40}}
+    assert got == {"_boot": {"fid": [5.1, 4.9, 5.0], "is": [3.0, 3.1, 2.9]}, "_n": {"fid": 40, "is": 40},
+                   "_seeds": {"fid": 1, "is": 1}}

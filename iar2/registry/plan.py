@@ -4,7 +4,8 @@
   - tokenizers   id -> the registry's spec (trained per stage)       (tokenizers/<id>)
   - runs         AR training runs, each with the epochs it must export (ar/<family>-<size>-<grid>[-<tag>])
   - samples      (run, epoch, guidance) sample sets                  (ar/<run>/e<epoch>/<guidance>)
-  - tables, figures  each row and point -> the file and field holding our number
+  - tables, figures  each row and point -> the file and field holding our number (and, for a set the scale
+                     trains on several seeds, its seeded copies' files: iar2/seeds.py)
 Runs with the same resolved config are one run under the shortest id, so a run shared by several tables
 trains once. The configs come from iar2.registry.resolve, the paths from iar2.layout.
 """
@@ -24,6 +25,7 @@ from iar2.registry.guidance import GuidanceId
 from iar2.registry.index import build_index, tok_run_id
 from iar2.registry.resolve import Configs
 from iar2.scale import Scale, load_scale
+from iar2.seeds import add_seeds
 
 METRIC_FIELDS = {"fid": "fid", "gfid": "fid", "is": "isc_mean", "precision": "precision", "recall": "recall"}
 RECON_FIELDS = {"rfid": "rfid", "psnr": "psnr", "ssim": "ssim"}
@@ -40,6 +42,7 @@ class Run:
     tokenizer: str
     model: dict
     time_match: str | None = None
+    seed_offset: int = 0  # a seeded copy (iar2/seeds.py): train.seed + this
     epochs: set = field(default_factory=set)
     tables: set = field(default_factory=set)
 
@@ -86,6 +89,7 @@ class Plan:
             self.figures[fid] = self._figure(fid, f)
         self._dedupe_runs()
         self._resolve_time_match()
+        add_seeds(self)
         unknown = sorted(set(self.s.sampling.per_class_by_table) - set(self.tables) - set(self.figures))
         if unknown:
             raise ConfigError(f"sampling.per_class_by_table: {', '.join(unknown)} not a table or figure of the "

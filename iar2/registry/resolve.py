@@ -96,6 +96,8 @@ class Configs:
         es = epoch_steps if epoch_steps is not None else ar.epoch_steps
         if es is not None:
             train["epoch_steps"] = float(es)
+        if r.seed_offset:  # a seeded copy (iar2/seeds.py): the same run under another training seed
+            train["seed"] = int(raw.get("train", {}).get("seed", 0)) + r.seed_offset
         raw = deep_merge(raw, {"name": r.id, "train": train})
         cfg = to_dict(from_dict(ARRunConfig, raw, "ar"))
         if identity:

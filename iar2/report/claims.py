@@ -168,6 +168,7 @@ class Value:
     point: float
     reps: np.ndarray | None = None
     n: int | None = None
+    seeds: int = 1  # training seeds behind the value (the fewest over the selected rows; iar2/seeds.py)
 
 
 def row_reps(row: dict, col: str) -> np.ndarray | None:
@@ -189,6 +190,10 @@ def _n_of(rows: list[dict], col: str) -> int | None:
     return min(ns) if ns and all(isinstance(n, int) for n in ns) else None
 
 
+def _seeds_of(rows: list[dict], col: str) -> int:
+    return min(int((r.get("_seeds") or {}).get(col) or 1) for r in rows) if rows else 1
+
+
 def values_of(data: Dataset, ref: dict) -> Value:
     rows = select(data, ref["from"], ref.get("where"), ref["col"])
     col = ref["col"]
@@ -197,10 +202,10 @@ def values_of(data: Dataset, ref: dict) -> Value:
     agg = ref.get("agg")
     if agg in ("min", "max", "mean"):
         f = {"min": np.min, "max": np.max, "mean": np.mean}[agg]
-        return Value(float(f(vals)), None if reps is None else f(reps, axis=0), _n_of(rows, col))
+        return Value(float(f(vals)), None if reps is None else f(reps, axis=0), _n_of(rows, col), _seeds_of(rows, col))
     if len(set(vals)) > 1:  # duplicate rows of one key (Table 1 prints one row twice) must agree
         raise Missing(f"{ref_label(ref)} selects {len(vals)} different values; give an agg")
-    return Value(vals[0], None if reps is None else reps[0], _n_of(rows, col))
+    return Value(vals[0], None if reps is None else reps[0], _n_of(rows, col), _seeds_of(rows, col))
 
 
 def value_of(data: Dataset, ref: dict) -> float:
@@ -234,7 +239,8 @@ def _order(arg: list, data: Dataset) -> Outcome:
             lo, hi = percentile_interval(a.reps[:m] - b.reps[:m])
             st = verdict((lo, hi), "negative")
             parts.append(f"{_short(ra)} - {_short(rb)} = {_g(a.point)} - {_g(b.point)} = {_g(a.point - b.point)}, "
-                         f"95% CI [{_g(lo)}, {_g(hi)}] ({m} replicates, n = {_n_text(a.n)} / {_n_text(b.n)})")
+                         f"95% CI [{_g(lo)}, {_g(hi)}] ({m} replicates, n = {_n_text(a.n, a.seeds)} / "
+                         f"{_n_text(b.n, b.seeds)})")
         else:
             st = REPRODUCED if a.point < b.point else CONTRADICTED
             parts.append(f"{_short(ra)} {_g(a.point)} {'<' if a.point < b.point else '>='} {_short(rb)} "
@@ -244,8 +250,9 @@ def _order(arg: list, data: Dataset) -> Outcome:
     return Outcome(status, ("claimed a < b; " if status != REPRODUCED else "") + "; ".join(parts))
 
 
-def _n_text(n: int | None) -> str:
-    return "?" if n is None else str(n)
+def _n_text(n: int | None, seeds: int = 1) -> str:
+    """A sample count, and the training seeds when more than one (n samples per seed)."""
+    return ("?" if n is None else str(n)) + (f" x {seeds} seeds" if seeds > 1 else "")
 
 
 def combine(statuses: list[str]) -> str:

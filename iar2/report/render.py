@@ -94,6 +94,8 @@ def _prov_title(prov: Provenance, c: CellView) -> str:
         return c.note
     p = prov.number(c.ours)
     parts = [f"run {p['run']}", f"{p['file']}#{p['field']}"]
+    if c.ours.seeds > 1:
+        parts.append(f"mean of {c.ours.seeds} training seeds (runs <run>-seed<k>)")
     if p.get("config_hash"):
         parts.append(f"config {p['config']} sha256:{p['config_hash']}")
     if p.get("mlflow_run"):
@@ -307,10 +309,12 @@ def md_claims(claims: list[ClaimResult], scale: str) -> str:
              f"**{tally_text(t)}.** Rules: `params/paper/claims.yaml`. A comparison is decided by the 95 % "
              "bootstrap interval of the paired difference (reproduced: on the claimed side of 0; contradicted: on "
              "the other; inconclusive: it contains 0); the detail gives the interval, the replicates and the "
-             "sample counts n. The interval is of sampling noise only: it holds each run's trained weights fixed. "
-             "At small scales another training seed moves FID by more than that (measured at the default scale: "
-             "a seed-to-seed SD of 1-9 FID against half-widths of 1.2-2.9; `workflow/scripts/seed_spread.py`), "
-             "so a verdict there is one of these runs, not of the method.", "",
+             "sample counts n. Where n reads \"x K seeds\", the set was trained on K seeds (the scale's `seeds:`): "
+             "its number is the mean over them, and its interval resamples seeds, then samples, widened to a t "
+             "interval over the seeds (`iar2/seeds.py`). Elsewhere the interval is of sampling noise only: it holds "
+             "the run's trained weights fixed. At small scales another training seed moves FID by more than that "
+             "(measured at the default scale: a seed-to-seed SD of 1-9 FID against half-widths of 1.2-2.9; "
+             "`workflow/scripts/seed_spread.py`), so a verdict on one seed is one of that run, not of the method.", "",
              "| id | claim | source | ours | detail | on the paper's numbers |", "|---|---|---|---|---|---|"]
     for r in claims:
         lines.append(f"| {_md(r.claim.id)} | {_md(r.claim.text)} | {_md(r.claim.source)} | **{r.ours.status}** | "

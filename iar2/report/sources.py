@@ -23,6 +23,7 @@ import yaml
 
 from iar2 import layout
 from iar2.registry.index import RegistryIndex, RunEntry
+from iar2.seeds import combine as seed_combine
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,8 @@ class Cell:
     field: str | None = None
     run: str | None = None
     replicates: list | None = None  # bootstrap replicates of the value (iar2.bootstrap), when its job wrote them
-    samples: int | None = None  # the sample count behind the value (generated images)
+    samples: int | None = None  # the sample count behind the value (generated images), per seed
+    seeds: int = 1  # training seeds behind the value (their mean; iar2/seeds.py)
 
     @property
     def ok(self) -> bool:
@@ -238,7 +240,28 @@ class Results:
         return data
 
     def cell(self, source: dict | None) -> Cell:
-        """Resolve {"file", "field", "run"} to our number."""
+        """Resolve {"file", "field", "run"} to our number; with "seeds" (the files of the same set trained on other
+        seeds), to the mean over the seeds and its two-level bootstrap (iar2/seeds.py). A set whose seeds are not all
+        present is missing: a mean over some of them would be another number."""
+        if source and source.get("seeds"):
+            return self._seeded_cell(source)
+        return self._one_cell(source)
+
+    def _seeded_cell(self, source: dict) -> Cell:
+        cells = [self._one_cell({**source, "file": f, "seeds": None}) for f in [source["file"], *source["seeds"]]]
+        c = Cell(file=source["file"], field=source.get("field"), run=source.get("run"), seeds=len(cells))
+        bad = [x for x in cells if not x.ok or not is_number(x.value)]
+        if bad:
+            c.status = bad[0].status
+            return c
+        reps = [x.replicates for x in cells] if all(x.replicates for x in cells) else None
+        c.value, c.replicates = seed_combine([float(x.value) for x in cells], reps)
+        c.status = "ok"
+        ns = [x.samples for x in cells if x.samples is not None]
+        c.samples = min(ns) if ns else None
+        return c
+
+    def _one_cell(self, source: dict | None) -> Cell:
         if not source or not source.get("file"):
             return Cell(status="missing")
         c = Cell(file=source["file"], field=source.get("field"), run=source.get("run"))
@@ -263,12 +286,12 @@ class Results:
     def intervals_of(self, sources: dict) -> dict:
         """Row entries carrying the bootstrap replicates of a row's metric columns (for the claims):
         {"_boot": {col: replicates}, "_n": {col: samples}} over the columns whose job wrote replicates."""
-        boot, n = {}, {}
+        boot, n, seeds = {}, {}, {}
         for col, src in sources.items():
             c = self.cell(src) if src else None
             if c is not None and c.replicates:
-                boot[col], n[col] = c.replicates, c.samples
-        return {"_boot": boot, "_n": n} if boot else {}
+                boot[col], n[col], seeds[col] = c.replicates, c.samples, c.seeds
+        return {"_boot": boot, "_n": n, "_seeds": seeds} if boot else {}
 
     def config_of(self, run_id: str | None, config_rel: str | None = None) -> tuple[str | None, dict | None]:
         """(config path relative to the results folder, parsed config) of a run; (path, None) when absent."""

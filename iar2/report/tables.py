@@ -182,7 +182,7 @@ def _finish_number(cv: CellView, col: str) -> None:
     if c is None:
         return
     if c.ok:
-        cv.ours_text = fmt(c.value, col)
+        cv.ours_text = fmt(c.value, col) + (f" ({c.seeds} seeds)" if c.seeds > 1 else "")  # their mean
         if is_number(c.value) and is_number(cv.paper):
             cv.diff = float(c.value) - float(cv.paper)
     elif c.status == "no-field":

@@ -146,7 +146,7 @@ def table_targets(tid):
     t = PLAN.index().tables[tid]
     for row in t["rows"]:
         for src in row.get("values", {}).values():
-            files.add(f"{R}/{src['file']}")
+            files.update(f"{R}/{f}" for f in [src["file"], *src.get("seeds", [])])  # seeds: iar2/seeds.py
         if t["kind"] == "settings":
             files.add(f"{R}/{layout.ar_weights(layout.run_of(row['run']))}")
             if row.get("sample"):
@@ -161,7 +161,7 @@ def figure_targets(fid):
     def walk(obj):
         if isinstance(obj, dict):
             if "file" in obj and isinstance(obj["file"], str):
-                files.add(f"{R}/{obj['file']}")
+                files.update(f"{R}/{f}" for f in [obj["file"], *obj.get("seeds", [])])
             for v in obj.values():
                 walk(v)
         elif isinstance(obj, list):
