@@ -121,8 +121,8 @@ class GenMetrics:
 
 
 @dataclass(frozen=True)
-class Seeds:
-    """Training seeds of the sample sets behind the central claims (iar2/seeds.py)."""
+class SeedGroup:
+    """Sample sets trained on `count` seeds (iar2/seeds.py)."""
     count: int
     sets: list[str]  # sample-set folders (ar/<run>/e<epoch>/<guidance>) or glob patterns over them
 
@@ -201,7 +201,7 @@ class Scale:
     tokenize: Tokenize = field(default_factory=Tokenize)
     code_distance: CodeDistance = field(default_factory=CodeDistance)
     diagnosis: Diagnosis | None = None  # None: no diagnosis stage
-    seeds: Seeds | None = None  # None: one training seed everywhere
+    seeds: list[SeedGroup] = field(default_factory=list)  # empty: one training seed everywhere
     resources: Resources = field(default_factory=Resources)
     experiments: dict = field(default_factory=dict)  # an overlay of params/experiments.yaml
 
@@ -251,6 +251,8 @@ def schema_mismatches(cls: type = Scale, node: dict | None = None, root: dict | 
         sub, tp = _resolve(props[name], root), hints[name]
         if _dataclass_of(tp):
             out += schema_mismatches(_dataclass_of(tp), sub, root, f"{key}.")
+        elif typing.get_origin(tp) is list and _dataclass_of(typing.get_args(tp)[0]):
+            out += schema_mismatches(_dataclass_of(typing.get_args(tp)[0]), sub.get("items", {}), root, f"{key}[].")
         elif typing.get_origin(tp) is dict and _dataclass_of(typing.get_args(tp)[1]):
             out += schema_mismatches(_dataclass_of(typing.get_args(tp)[1]), sub.get("additionalProperties", {}),
                                      root, f"{key}.*.")

@@ -2,11 +2,12 @@
 
 At small scales another training seed moves a model's FID by more than the bootstrap over samples sees (README,
 "Training seeds": SD 1-9 FID against half-widths 1-3), so a verdict decided on one seed is a verdict on one set of
-weights and can flip on another machine. A scale's `seeds: {count: K, sets: [patterns]}` makes every sample set
-whose folder matches a pattern (`ar/iar2-B-24/e300/*`) also from K - 1 more AR runs that differ from its own only
+weights and can flip on another machine. Each group `{count: K, sets: [patterns]}` of a scale's `seeds:` makes every
+sample set whose folder matches a pattern (`ar/iar2-B-24/e300/*`) also from K - 1 more AR runs that differ from its own only
 in `train.seed` (its seed + 1, + 2, ...): run `<run>-seed<k>`, set `<run>-seed<k>/e<epoch>/<guidance>`. A seeded
-copy trains as long as its run (a schedule over the run's epochs is the same schedule) and exports the epochs its
-matched sets need.
+copy trains and exports exactly as its run (the same epochs, so the same schedule), so its config, and whether it
+reruns, does not depend on which of the run's sets are seeded. `seeds` is a list of groups, so each comparison can
+have the seeds its measured spread needs; a set in two groups gets the larger count.
 
 The set's number is then the mean over its K seeds, and its bootstrap replicates resample seeds, then samples
 (a two-level bootstrap). Replicate b draws K seeds with replacement from an index stream that depends only on
@@ -44,36 +45,35 @@ def seeded_run_id(rid: str, k: int) -> str:
 
 
 def add_seeds(plan: Plan) -> None:
-    """Add the seeded copies of the scale's `seeds.sets` to `plan` (after its runs are deduplicated), and list
+    """Add the seeded copies of the scale's `seeds` groups to `plan` (after its runs are deduplicated), and list
     their metric files beside each table and figure source of the set (`"seeds": [file of seed 1, ...]`)."""
-    spec = plan.s.seeds
-    if spec is None or spec.count <= 1 or not spec.sets:
-        return
-    matched: dict[str, list] = {}  # run id -> its sets that match
-    for pattern in spec.sets:
-        hits = [s for s in plan.samples.values() if not s.is_grid and fnmatch.fnmatchcase(layout.sample_dir(s.id), pattern)]
-        if not hits:
-            some = ", ".join(sorted(layout.sample_dir(s) for s in plan.samples)[:3])
-            raise ConfigError(f"seeds.sets: {pattern!r} matches no sample set of this scale (their folders read "
-                              f"like {some}, ...)")
-        for s in hits:
-            if s not in matched.setdefault(s.run, []):
-                matched[s.run].append(s)
+    count: dict[str, int] = {}  # sample id -> its seeds (the largest of the groups that match it)
+    for i, group in enumerate(plan.s.seeds):
+        for pattern in group.sets:
+            hits = [s for s in plan.samples.values()
+                    if not s.is_grid and fnmatch.fnmatchcase(layout.sample_dir(s.id), pattern)]
+            if not hits:
+                some = ", ".join(sorted(layout.sample_dir(s) for s in plan.samples)[:3])
+                raise ConfigError(f"seeds[{i}].sets: {pattern!r} matches no sample set of this scale (their folders "
+                                  f"read like {some}, ...)")
+            for s in hits:
+                count[s.id] = max(count.get(s.id, 1), group.count)
     copies: dict[str, list[str]] = {}  # metric file of a matched set -> those of its seeded copies
-    for rid, sets in matched.items():
+    for rid in sorted({plan.samples[sid].run for sid, k in count.items() if k > 1}):
         run = plan.runs[rid]
-        for k in range(1, spec.count):
+        sets = [plan.samples[sid] for sid in sorted(count) if plan.samples[sid].run == rid]
+        for k in range(1, max(count[s.id] for s in sets)):
             cid = seeded_run_id(rid, k)
             if cid in plan.runs:
                 raise ConfigError(f"seeds: run id {cid!r} is already a run of the registry; rename its tag")
-            c = copy.deepcopy(run)
+            c = copy.deepcopy(run)  # the same epochs and exports: its config differs in train.seed alone
             c.id, c.seed_offset = cid, k
-            c.epochs = {s.epoch for s in sets} | {max(run.epochs)}  # the run's length, so the same schedule
             plan.runs[cid] = c
             for s in sets:
-                sid = layout.sample_id(cid, s.epoch, s.guidance)
-                plan.samples[sid] = type(s)(sid, cid, s.epoch, s.guidance, set(s.tables))
-                copies.setdefault(layout.gen_metrics(s.id), []).append(layout.gen_metrics(sid))
+                if k < count[s.id]:
+                    sid = layout.sample_id(cid, s.epoch, s.guidance)
+                    plan.samples[sid] = type(s)(sid, cid, s.epoch, s.guidance, set(s.tables))
+                    copies.setdefault(layout.gen_metrics(s.id), []).append(layout.gen_metrics(sid))
 
     def walk(obj):
         if isinstance(obj, dict):
