@@ -145,3 +145,26 @@ def test_a_changed_reference_network_rescores_without_retraining(dag, tmp_path):
     refnet.write_bytes(b"net 2, retrained")  # new features: stale scores; the weights and samples are not
     assert mod.main(argv) == 0
     assert [c[0] for c in calls] == ["metrics"]
+
+
+def test_jobs_run_with_one_thread_as_the_dags_do(monkeypatch):
+    """On a CPU the thread count changes float reductions, and with them the trained weights: the retrained seeds run
+    with one thread, as the DAG's jobs (OMP_NUM_THREADS = the rule's 1 thread), and the caller's count comes back."""
+    import torch
+
+    import iar2.cli
+
+    mod = load_script("seed_spread")
+    seen = []
+    monkeypatch.setattr(iar2.cli, "main", lambda argv: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mod._run(["ar", "train"])
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(iar2.cli, "main", lambda argv: 3)
+        with pytest.raises(SystemExit, match="exited 3"):
+            mod._run(["ar", "train"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

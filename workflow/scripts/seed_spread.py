@@ -10,7 +10,8 @@ samples do. This script measures that spread. Each run is retrained from the DAG
 (<results>/configs/ar/<run>.yaml, the same tokens) with only train.seed changed, sampled at each epoch with the
 DAG's sample config of that (run, epoch, guidance), and scored with the gen_metrics rule's settings (its bootstrap
 replicates included). The DAG's seed-0 result is read from its metrics.json; with --set, seed 0 is
-retrained too. The DAG's artifacts are only read; everything is written under
+retrained too. Jobs run with one torch thread, as the DAG's do (`_run`), so seed k here is the DAG's seed copy
+`<run>-seed<k>` (iar2/seeds.py) when the scale trains one. The DAG's artifacts are only read; everything is written under
 <results>/diagnose/seeds/, in folders keyed by what they were computed from (a changed input starts over).
 
 Prints, per (run, epoch), every seed's FID, their mean and standard deviation, and the seed-0 set's bootstrap
@@ -31,9 +32,20 @@ from iar2.io import atomic_path
 
 
 def _run(argv: list[str]) -> None:
+    """`iar2 <argv>` in this process with one torch thread, as the DAG's jobs run (Snakemake sets OMP_NUM_THREADS
+    to a rule's threads, 1 here): on a CPU the thread count changes the order of float reductions, and measured at
+    the default scale 2 threads instead of 1 gave IAR2-B-24's seed-1 weights a max difference of 0.096 and its
+    300-epoch FID 7.2 instead of 16.8. With one thread, seed k here is the DAG's `<run>-seed<k>` bit for bit."""
+    import torch
+
     from iar2.cli import main
 
-    rc = main(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(argv)
+    finally:
+        torch.set_num_threads(threads)
     if rc:
         raise SystemExit(f"iar2 {' '.join(argv)} exited {rc}")
 
