@@ -14,6 +14,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -164,6 +165,18 @@ def config_hash(obj: Any, n: int = 12) -> str:
     """Short stable hash of a config (canonical JSON), for provenance."""
     blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def dicts_in(obj: Any) -> Iterator[dict]:
+    """Every mapping in a nested structure of mappings and lists, each before those inside it (a caller may change
+    a mapping's values as it gets it: its children are read after)."""
+    if isinstance(obj, dict):
+        yield obj
+        for v in list(obj.values()):
+            yield from dicts_in(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from dicts_in(v)
 
 
 def deep_merge(base: dict, over: dict) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 
 from iar2 import layout
 from iar2.bootstrap import resample_indices
-from iar2.config import ConfigError
+from iar2.config import ConfigError, dicts_in
 
 if TYPE_CHECKING:
     from iar2.registry.plan import Plan
@@ -75,18 +75,9 @@ def add_seeds(plan: Plan) -> None:
                     plan.samples[sid] = type(s)(sid, cid, s.epoch, s.guidance, set(s.tables))
                     copies.setdefault(layout.gen_metrics(s.id), []).append(layout.gen_metrics(sid))
 
-    def walk(obj):
-        if isinstance(obj, dict):
-            if isinstance(obj.get("file"), str) and obj["file"] in copies:
-                obj["seeds"] = copies[obj["file"]]
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                walk(v)
-
-    walk(plan.tables)
-    walk(plan.figures)
+    for d in dicts_in([plan.tables, plan.figures]):
+        if isinstance(d.get("file"), str) and d["file"] in copies:
+            d["seeds"] = copies[d["file"]]
 
 
 def t_factor(k: int, level: float = 0.95) -> float:

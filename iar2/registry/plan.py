@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iar2 import layout
-from iar2.config import ConfigError
+from iar2.config import ConfigError, dicts_in
 from iar2.grid_panels import grid_panels
 from iar2.registry.expand import FIGURE_SWEEPS, check_restrict, expand
 from iar2.registry.guidance import GuidanceId
@@ -343,18 +343,10 @@ class Plan:
         old_to_new = {s.id: layout.sample_id(alias[s.run], s.epoch, s.guidance) for s in self.samples.values()}
         self.samples = new_samples
 
-        def fix(obj):
-            if isinstance(obj, dict):
-                for k, v in obj.items():
-                    if isinstance(v, str):
-                        obj[k] = _rename(v, old_to_new, alias)
-                    else:
-                        fix(v)
-            elif isinstance(obj, list):
-                for v in obj:
-                    fix(v)
-        fix(self.tables)
-        fix(self.figures)
+        for d in dicts_in([self.tables, self.figures]):
+            for k, v in d.items():
+                if isinstance(v, str):
+                    d[k] = _rename(v, old_to_new, alias)
 
     def _resolve_time_match(self):
         for r in self.runs.values():

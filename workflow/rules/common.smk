@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from iar2 import layout
-from iar2.config import ConfigError, deep_merge
+from iar2.config import ConfigError, deep_merge, dicts_in
 from iar2.registry import GuidanceId, load_plan, write_index, write_loss_curves, write_summary
 from iar2.registry.guidance import PATTERN as GUIDANCE_PATTERN
 from iar2.registry.index import tok_run_id
@@ -156,19 +156,9 @@ def table_targets(tid):
 
 def figure_targets(fid):
     files = {f"{R}/{layout.REGISTRY_INDEX}"}
-    f = PLAN.figures[fid]
-
-    def walk(obj):
-        if isinstance(obj, dict):
-            if "file" in obj and isinstance(obj["file"], str):
-                files.update(f"{R}/{f}" for f in [obj["file"], *obj.get("seeds", [])])
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                walk(v)
-
-    walk(f)
+    for d in dicts_in(PLAN.figures[fid]):
+        if isinstance(d.get("file"), str):
+            files.update(f"{R}/{f}" for f in [d["file"], *d.get("seeds", [])])  # seeds: iar2/seeds.py
     return sorted(files)
 
 
