@@ -222,3 +222,30 @@ def test_seeds_on_a_finished_run_train_only_the_copies_and_reach_the_report(ci_w
     assert smk().returncode == 0
     strip = lambda md: [ln for ln in md.splitlines() if not ln.startswith("Results `")]  # noqa: E731
     assert strip(report.read_text()) == strip(before)
+
+
+def test_a_claim_compares_its_rows_over_the_seeds_they_all_have():
+    """Two guidances of one run, one trained on 3 seeds: the claim compares seed 0 with seed 0 (a mean over seeds
+    beside one seed's value differs by that seed's draw, not by the guidance); two seeded sets, 3 and 2 seeds: 2."""
+    rng = np.random.default_rng(3)
+    noise = list(rng.normal(0, 0.2, 200))
+
+    def row(g, vals):
+        reps = [[v + e for e in noise] for v in vals]
+        mean, boot = combine(vals, reps)
+        out = {"g": g, "fid": mean, "_boot": {"fid": boot}, "_n": {"fid": 200}, "_seeds": {"fid": len(vals)}}
+        if len(vals) > 1:
+            out.update({"_sv": {"fid": vals}, "_sb": {"fid": reps}})
+        return out
+
+    less = {"less": [{"from": "t", "col": "fid", "where": {"g": "pag"}},
+                     {"from": "t", "col": "fid", "where": {"g": "static"}}]}
+    # seed 0 is a bad draw for both guidances (30 and 31): over 3 seeds PAG's mean (20) looks far better
+    mixed = Dataset({"t": [row("pag", [30.0, 15.0, 15.0]), row("static", [31.0])]})
+    out = evaluate(less, mixed)
+    assert out.status == "reproduced" and "= 30 - 31 = -1" in out.detail and "x 3 seeds" not in out.detail
+    both = Dataset({"t": [row("pag", [10.0, 12.0, 40.0]), row("static", [14.0, 15.0])]})
+    out = evaluate(less, both)
+    assert "= 11 - 14.5" in out.detail and out.detail.count("x 2 seeds") == 2
+    same = Dataset({"t": [row("pag", [10.0, 12.0, 11.0]), row("static", [14.0, 15.0, 16.0])]})
+    assert "n = 200 x 3 seeds / 200 x 3 seeds" in evaluate(less, same).detail

@@ -114,6 +114,6 @@ def render_report(results_dir: str | Path, out_dir: str | Path, paper_dir: str |
 
 def _intervals(row) -> dict:
     """A table row's bootstrap replicates per metric column (the claims' intervals); {} when none."""
-    boot = {c: cv.ours.replicates for c, cv in row.cells.items() if cv.ours is not None and cv.ours.replicates}
-    return {"_boot": boot, "_n": {c: row.cells[c].ours.samples for c in boot},
-            "_seeds": {c: row.cells[c].ours.seeds for c in boot}} if boot else {}
+    from iar2.report.sources import interval_entries
+
+    return interval_entries({c: cv.ours for c, cv in row.cells.items()})

@@ -31,7 +31,7 @@ encoding (a rule the paper's data fails is visible in the report).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import yaml
 
 from iar2.bootstrap import CONTRADICTED, INCONCLUSIVE, REPRODUCED, percentile_interval, support_verdict, verdict
 from iar2.report.sources import canon, is_number
+from iar2.seeds import combine as seed_combine
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,13 @@ class Claim:
 @dataclass
 class Dataset:
     """Named row sets. paper=True: an absent value is one the paper does not print (the row is skipped);
-    paper=False: it is one of ours not produced yet (the check is missing)."""
+    paper=False: it is one of ours not produced yet (the check is missing). `seeds`: the rows' values and replicates
+    are those of their first `seeds` training seeds (see `evaluate`); `read`: the seed counts of the rows selected."""
 
     rows: dict[str, list[dict]]
     paper: bool = False
+    seeds: int | None = None
+    read: list[int] = field(default_factory=list, repr=False)
 
 
 def load_claims(path: Path) -> list[Claim]:
@@ -131,6 +135,10 @@ def select(data: Dataset, source: str, where: dict | None, col: str) -> list[dic
     if not data.paper and len(present) < len(rows):
         raise Missing(f"{source}.{col}: {len(present)} of {len(rows)} selected values present")
     rows = present
+    if not data.paper:
+        data.read.extend(_seeds_of([r], col) for r in rows)
+        if data.seeds is not None:
+            rows = [_first_seeds(r, col, data.seeds) for r in rows]
     for c, want in (where or {}).items():
         if want in ("$max", "$min") and rows:
             vals = [r.get(c) for r in rows if r.get(c) is not None]
@@ -190,6 +198,18 @@ def _n_of(rows: list[dict], col: str) -> int | None:
     return min(ns) if ns and all(isinstance(n, int) for n in ns) else None
 
 
+def _first_seeds(row: dict, col: str, k: int) -> dict:
+    """`row` with `col` over its first k training seeds: their mean and two-level replicates (iar2/seeds.py)."""
+    sv, sb = (row.get("_sv") or {}).get(col), (row.get("_sb") or {}).get(col)
+    if not sv or len(sv) <= k:
+        return row
+    mean, reps = seed_combine(sv[:k], sb[:k] if sb else None)
+    out = {**row, col: mean}
+    for key, v in (("_boot", reps), ("_seeds", k)):
+        out[key] = {**(row.get(key) or {}), col: v}
+    return out
+
+
 def _seeds_of(rows: list[dict], col: str) -> int:
     return min(int((r.get("_seeds") or {}).get(col) or 1) for r in rows) if rows else 1
 
@@ -219,9 +239,19 @@ def _g(v: float) -> str:
 # ----------------------------------------------------------------------------- rules
 
 def evaluate(rule: dict, data: Dataset) -> Outcome:
+    """One rule's outcome. Its rows are compared over the training seeds they all have: a set trained on 6 seeds
+    against one trained on 1 (or two guidances of one run, one seeded) compares seed 0 with seed 0, since a mean over
+    seeds beside a single seed's value would differ by the seed-0 draw, not by the method. Each part of an `all`
+    rule decides this for itself."""
     kind, arg = next(iter(rule.items()))
     try:
-        return RULES[kind](arg, data)
+        if data.paper or kind == "all":
+            return RULES[kind](arg, data)
+        probe = replace(data, seeds=None, read=[])
+        out = RULES[kind](arg, probe)
+        if len(set(probe.read)) <= 1:
+            return out
+        return RULES[kind](arg, replace(data, seeds=min(probe.read), read=[]))
     except Missing as e:
         return Outcome(MISSING, str(e))
 

@@ -176,6 +176,8 @@ class Cell:
     replicates: list | None = None  # bootstrap replicates of the value (iar2.bootstrap), when its job wrote them
     samples: int | None = None  # the sample count behind the value (generated images), per seed
     seeds: int = 1  # training seeds behind the value (their mean; iar2/seeds.py)
+    seed_values: list | None = None  # per seed (0, 1, ...): its value and its replicates, when seeds > 1
+    seed_replicates: list | None = None
 
     @property
     def ok(self) -> bool:
@@ -255,7 +257,8 @@ class Results:
             c.status = bad[0].status
             return c
         reps = [x.replicates for x in cells] if all(x.replicates for x in cells) else None
-        c.value, c.replicates = seed_combine([float(x.value) for x in cells], reps)
+        c.seed_values, c.seed_replicates = [float(x.value) for x in cells], reps
+        c.value, c.replicates = seed_combine(c.seed_values, reps)
         c.status = "ok"
         ns = [x.samples for x in cells if x.samples is not None]
         c.samples = min(ns) if ns else None
@@ -286,12 +289,7 @@ class Results:
     def intervals_of(self, sources: dict) -> dict:
         """Row entries carrying the bootstrap replicates of a row's metric columns (for the claims):
         {"_boot": {col: replicates}, "_n": {col: samples}} over the columns whose job wrote replicates."""
-        boot, n, seeds = {}, {}, {}
-        for col, src in sources.items():
-            c = self.cell(src) if src else None
-            if c is not None and c.replicates:
-                boot[col], n[col], seeds[col] = c.replicates, c.samples, c.seeds
-        return {"_boot": boot, "_n": n, "_seeds": seeds} if boot else {}
+        return interval_entries({col: self.cell(src) for col, src in sources.items() if src})
 
     def config_of(self, run_id: str | None, config_rel: str | None = None) -> tuple[str | None, dict | None]:
         """(config path relative to the results folder, parsed config) of a run; (path, None) when absent."""
@@ -307,6 +305,22 @@ class Results:
         except yaml.YAMLError as e:
             log.warning("cannot parse %s: %s", p, e)
             return rel, None
+
+
+def interval_entries(cells: dict[str, Cell]) -> dict:
+    """A claims row's entries for its metric columns whose job wrote replicates: `_boot` (replicates), `_n` (samples
+    per seed), `_seeds` (training seeds), and for a column over several seeds `_sv` / `_sb`, each seed's value and
+    replicates, so a claim can compare it with a set of fewer seeds over the seeds both have (iar2/report/claims.py)."""
+    out: dict = {}
+    for col, c in cells.items():
+        if c is None or not c.replicates:
+            continue
+        for key, v in (("_boot", c.replicates), ("_n", c.samples), ("_seeds", c.seeds)):
+            out.setdefault(key, {})[col] = v
+        if c.seeds > 1 and c.seed_replicates:
+            out.setdefault("_sv", {})[col] = c.seed_values
+            out.setdefault("_sb", {})[col] = c.seed_replicates
+    return out
 
 
 def _repo_root(root: Path, registry: RegistryIndex) -> Path:
