@@ -311,8 +311,9 @@ def md_claims(claims: list[ClaimResult], scale: str) -> str:
              "the other; inconclusive: it contains 0); the detail gives the interval, the replicates and the "
              "sample counts n. Where n reads \"x K seeds\", the set was trained on K seeds (the scale's `seeds:`): "
              "its number is the mean over them, and its interval resamples seeds, then samples, widened to a t "
-             "interval over the seeds (`iar2/seeds.py`). Elsewhere the interval is of sampling noise only: it holds "
-             "the run's trained weights fixed. At small scales another training seed moves FID by more than that "
+             "interval over the seeds (`iar2/seeds.py`); a rule compares its rows over the seeds they all have "
+             "(seed 0 beside a one-seed set). Elsewhere the interval is of sampling noise only: it holds the run's "
+             "trained weights fixed. At small scales another training seed moves FID by more than that "
              "(measured at the default scale: a seed-to-seed SD of 1-9 FID against half-widths of 1.2-2.9; "
              "`workflow/scripts/seed_spread.py`), so a verdict on one seed is one of that run, not of the method.", "",
              "| id | claim | source | ours | detail | on the paper's numbers |", "|---|---|---|---|---|---|"]
