@@ -2,9 +2,10 @@
 
 At small scales another training seed moves a model's FID by more than the bootstrap over samples sees (README,
 "Training seeds": SD 1-9 FID against half-widths 1-3), so a verdict decided on one seed is a verdict on one set of
-weights and can flip on another machine. Each group `{count: K, sets: [patterns]}` of a scale's `seeds:` makes every
-sample set whose folder matches a pattern (`ar/iar2-B-24/e300/*`) also from K - 1 more AR runs that differ from its own only
-in `train.seed` (its seed + 1, + 2, ...): run `<run>-seed<k>`, set `<run>-seed<k>/e<epoch>/<guidance>`. A seeded
+weights and can flip on another machine. Each group `{count: K, sets: [patterns]}` of a scale's `seeds:` makes
+every sample set whose folder matches a pattern (`ar/iar2-B-24/e300/*`) also from K - 1 more AR runs that differ
+from its own only in `train.seed` (its seed + 1, + 2, ...): run `<run>-seed<k>`, set
+`<run>-seed<k>/e<epoch>/<guidance>`. A seeded
 copy trains and exports exactly as its run (the same epochs, so the same schedule), so its config, and whether it
 reruns, does not depend on which of the run's sets are seeded. `seeds` is a list of groups, so each comparison can
 have the seeds its measured spread needs; a set in two groups gets the larger count.
@@ -97,13 +98,12 @@ def combine(values: list[float], replicates: list | None) -> tuple[float, list[f
     mean = float(v.mean())
     if replicates is None:
         return mean, None
-    reps = np.asarray([np.asarray(r, np.float64)[: min(len(x) for x in replicates)] for r in replicates])
-    k, b = reps.shape
+    b = min(len(r) for r in replicates)
+    reps = np.asarray([np.asarray(r, np.float64)[:b] for r in replicates])  # (K, B)
+    k = len(v)
     if k == 1:
         return mean, reps[0].tolist()
-    c = t_factor(k)
-    out = np.empty(b)
-    for i in range(b):  # B draws of K seeds (B ~ 200): no loop over samples or pixels
-        s = resample_indices(SEED_STREAM, i, k)
-        out[i] = mean + c * (v[s].mean() - mean) + (reps[s, i] - v[s]).mean()
+    s = np.stack([resample_indices(SEED_STREAM, i, k) for i in range(b)])  # (B, K): replicate i's seeds
+    drawn = reps[s, np.arange(b)[:, None]]  # each drawn seed's own replicate i
+    out = mean + t_factor(k) * (v[s].mean(1) - mean) + (drawn - v[s]).mean(1)
     return mean, out.tolist()

@@ -249,3 +249,27 @@ def test_a_claim_compares_its_rows_over_the_seeds_they_all_have():
     assert "= 11 - 14.5" in out.detail and out.detail.count("x 2 seeds") == 2
     same = Dataset({"t": [row("pag", [10.0, 12.0, 11.0]), row("static", [14.0, 15.0, 16.0])]})
     assert "n = 200 x 3 seeds / 200 x 3 seeds" in evaluate(less, same).detail
+
+
+def test_without_replicates_a_seeded_row_is_still_compared_on_common_seeds(tmp_path):
+    """A scale with `gen_metrics.bootstrap: 0` writes no replicates: the claim then compares points, and a seeded set
+    beside a one-seed set of the same run still reads seed 0's value, not the mean over seeds."""
+    files = []
+    for k, v in enumerate([30.0, 15.0, 15.0]):
+        p = tmp_path / layout.gen_metrics(f"r{'' if k == 0 else f'-seed{k}'}/e1/pag")
+        p.parent.mkdir(parents=True)
+        p.write_text(json.dumps({"fid": v}))
+        files.append(layout.gen_metrics(f"r{'' if k == 0 else f'-seed{k}'}/e1/pag"))
+    single = tmp_path / layout.gen_metrics("r/e1/static")
+    single.parent.mkdir(parents=True)
+    single.write_text(json.dumps({"fid": 31.0}))
+    res = Results(root=tmp_path)
+    pag = {"file": files[0], "field": "fid", "seeds": files[1:]}
+    static = {"file": layout.gen_metrics("r/e1/static"), "field": "fid"}
+    rows = {"t": [{"g": "pag", "fid": res.cell(pag).value, **res.intervals_of({"fid": pag})},
+                  {"g": "static", "fid": res.cell(static).value, **res.intervals_of({"fid": static})}]}
+    assert rows["t"][0]["fid"] == pytest.approx(20.0) and rows["t"][0]["_seeds"] == {"fid": 3}
+    less = {"less": [{"from": "t", "col": "fid", "where": {"g": "pag"}},
+                     {"from": "t", "col": "fid", "where": {"g": "static"}}]}
+    out = evaluate(less, Dataset(rows))
+    assert out.status == "reproduced" and "fid[g=pag] 30 < fid[g=static] 31" in out.detail

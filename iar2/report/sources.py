@@ -250,7 +250,7 @@ class Results:
         return self._one_cell(source)
 
     def _seeded_cell(self, source: dict) -> Cell:
-        cells = [self._one_cell({**source, "file": f, "seeds": None}) for f in [source["file"], *source["seeds"]]]
+        cells = [self._one_cell({**source, "file": f}) for f in [source["file"], *source["seeds"]]]
         c = Cell(file=source["file"], field=source.get("field"), run=source.get("run"), seeds=len(cells))
         bad = [x for x in cells if not x.ok or not is_number(x.value)]
         if bad:
@@ -287,8 +287,7 @@ class Results:
         return c
 
     def intervals_of(self, sources: dict) -> dict:
-        """Row entries carrying the bootstrap replicates of a row's metric columns (for the claims):
-        {"_boot": {col: replicates}, "_n": {col: samples}} over the columns whose job wrote replicates."""
+        """A claims row's entries for the metric columns of `sources` (`interval_entries`)."""
         return interval_entries({col: self.cell(src) for col, src in sources.items() if src})
 
     def config_of(self, run_id: str | None, config_rel: str | None = None) -> tuple[str | None, dict | None]:
@@ -308,18 +307,23 @@ class Results:
 
 
 def interval_entries(cells: dict[str, Cell]) -> dict:
-    """A claims row's entries for its metric columns whose job wrote replicates: `_boot` (replicates), `_n` (samples
-    per seed), `_seeds` (training seeds), and for a column over several seeds `_sv` / `_sb`, each seed's value and
-    replicates, so a claim can compare it with a set of fewer seeds over the seeds both have (iar2/report/claims.py)."""
+    """A claims row's entries for its metric columns: for those whose job wrote replicates `_boot` (replicates), `_n`
+    (samples per seed) and `_seeds` (training seeds); for a column over several seeds also `_seeds`, `_sv` (each
+    seed's value) and `_sb` (each seed's replicates, when written), so a claim can compare it with a set of fewer
+    seeds over the seeds both have (iar2/report/claims.py), with or without replicates."""
     out: dict = {}
     for col, c in cells.items():
-        if c is None or not c.replicates:
+        if c is None:
             continue
-        for key, v in (("_boot", c.replicates), ("_n", c.samples), ("_seeds", c.seeds)):
-            out.setdefault(key, {})[col] = v
-        if c.seeds > 1 and c.seed_replicates:
+        if c.replicates:
+            for key, v in (("_boot", c.replicates), ("_n", c.samples)):
+                out.setdefault(key, {})[col] = v
+        if c.replicates or (c.seeds > 1 and c.seed_values):
+            out.setdefault("_seeds", {})[col] = c.seeds
+        if c.seeds > 1 and c.seed_values:
             out.setdefault("_sv", {})[col] = c.seed_values
-            out.setdefault("_sb", {})[col] = c.seed_replicates
+            if c.seed_replicates:
+                out.setdefault("_sb", {})[col] = c.seed_replicates
     return out
 
 
